@@ -1,0 +1,31 @@
+"""adamx: Adam for JAX as pure functions over an immutable state, and a drop-in Optax transformation.
+
+Example:
+  >>> import jax, jax.numpy as jnp, optax, adamx
+  >>> params = {"w": jnp.array([1.0, 2.0])}
+  >>> tx = adamx.adam(1e-2)
+  >>> state = tx.init(params)
+  >>> grads = jax.grad(lambda p: jnp.sum(p["w"] ** 2))(params)
+  >>> updates, state = tx.update(grads, state)
+  >>> optax.apply_updates(params, updates)["w"]
+  Array([0.99, 1.99], dtype=float32)
+"""
+
+from adamx._state import AdamState, init
+from adamx._transforms import adam, adamax, adamw, amsgrad, nadam, nadamw, scale_by_adam
+from adamx._update import update
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AdamState",
+    "adam",
+    "adamax",
+    "adamw",
+    "amsgrad",
+    "init",
+    "nadam",
+    "nadamw",
+    "scale_by_adam",
+    "update",
+]
