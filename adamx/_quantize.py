@@ -20,6 +20,7 @@ References:
 """
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -179,6 +180,7 @@ def _blocks(flat, block_size):
     return flat.reshape(-1, block_size)
 
 
+@functools.partial(jax.jit, static_argnames=("block_size", "signed"))
 def quantize(x, *, block_size=256, signed=True):
     """Encodes ``x`` block-wise in 8 bits with the dynamic tree code.
 
@@ -215,6 +217,7 @@ def quantize(x, *, block_size=256, signed=True):
     return Quantized(codes=codes, absmax=absmax, block_size=block_size, signed=signed)
 
 
+@functools.partial(jax.jit, static_argnames=("dtype",))
 def dequantize(q, dtype=jnp.float32):
     """Decodes a :class:`Quantized` array.
 
