@@ -1,6 +1,9 @@
 """How a moment leaf is stored: the one place that knows the storage formats.
 
-A moment leaf is an array in its storage dtype. The update decodes it with :func:`load` into the
+A moment leaf is an array in its storage dtype, or, for the spec ``"int8"``
+(:func:`adamx.int8_moments`), a block-wise 8-bit :class:`adamx.Quantized` node (signed code for the
+first moment, unsigned for the second), or a float32 array for leaves below the spec's
+``min_size``. The update decodes it with :func:`load` into the
 compute dtype, does the math, and encodes the result with :func:`store`, so the math never sees
 the storage format and the state's dtypes never change across steps.
 """
@@ -9,23 +12,35 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from adamx import _quantize
 from adamx._numerics import complex_dtype, compute_dtype
+
+_ACCEPTED = 'None, a float dtype, or "int8"'
 
 
 def check_spec(fn, name, spec):
-    """Validates a moment storage spec (None or a floating dtype) and returns it canonicalized.
+    """Validates a moment storage spec and returns it canonicalized.
+
+    Accepted: None, a floating dtype, the string ``"int8"`` (canonicalized to
+    ``adamx.int8_moments()``) or an :class:`adamx.Int8Spec`.
 
     Raises:
-      ValueError: If ``spec`` names no floating dtype.
+      ValueError: If ``spec`` is none of these.
     """
-    if spec is None:
-        return None
+    if spec is None or isinstance(spec, _quantize.Int8Spec):
+        return spec
+    if isinstance(spec, str):
+        if spec == "int8":
+            return _quantize.int8_moments()
+        shown = f'"{spec}"'
+    else:
+        shown = repr(spec)
     try:
         dtype = jnp.dtype(spec)
     except TypeError:
         dtype = None
     if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
-        raise ValueError(f"{fn}: {name} must be None or a float dtype, got {spec!r}")
+        raise ValueError(f"{fn}: {name} must be one of {_ACCEPTED}, got {shown}")
     return dtype
 
 
@@ -35,8 +50,19 @@ def zeros(param, spec, *, real):
     Args:
       param: An array or ``jax.ShapeDtypeStruct``.
       spec: A canonical spec from :func:`check_spec`; None keeps the param's dtype.
-      real: Whether the moment is real even for a complex param (the second moment is).
+      real: Whether the moment is real even for a complex param (the second moment is). Under
+        an int8 spec it also picks the unsigned code (the second moment is never negative).
+
+    Raises:
+      TypeError: For an int8 first moment of a complex param.
     """
+    if isinstance(spec, _quantize.Int8Spec):
+        if not real and jnp.issubdtype(param.dtype, jnp.complexfloating):
+            raise TypeError(
+                f'adamx: an int8 first moment needs real params, got a {param.dtype} leaf of '
+                f"shape {tuple(param.shape)}; keep mu_dtype a float dtype for complex params"
+            )
+        return _quantize.zeros(param, spec, signed=not real)
     dtype = param.dtype if spec is None else spec
     if real and jnp.issubdtype(dtype, jnp.complexfloating):
         dtype = jnp.finfo(dtype).dtype
@@ -49,17 +75,21 @@ def zeros(param, spec, *, real):
 
 def load(moment, dtype):
     """Decodes a stored moment into ``dtype`` for the math."""
+    if isinstance(moment, _quantize.Quantized):
+        return _quantize.dequantize(moment, dtype)
     return moment.astype(dtype)
 
 
 def store(value, moment):
     """Encodes ``value`` in the storage format of ``moment``."""
+    if isinstance(moment, _quantize.Quantized):
+        return _quantize.quantize(value, block_size=moment.block_size, signed=moment.signed)
     return value.astype(moment.dtype)
 
 
 def is_moment_leaf(x):
     """Marks a stored moment as one leaf when flattening a moment tree."""
-    return isinstance(x, (jax.Array, np.ndarray))
+    return isinstance(x, (jax.Array, np.ndarray, _quantize.Quantized))
 
 
 def nbytes(tree):
