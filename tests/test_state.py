@@ -120,3 +120,19 @@ def test_amsgrad_state_keeps_a_running_maximum():
         assert (np.asarray(state.nu_max) >= previous).all()
         assert (np.asarray(state.nu_max) >= np.asarray(state.nu)).all()
         previous = np.asarray(state.nu_max)
+
+
+def test_state_round_trips_exactly_through_orbax(tmp_path):
+    ocp = pytest.importorskip("orbax.checkpoint", reason="orbax-checkpoint is not installed")
+    params = nested_params()
+    tx = adamx.amsgrad(1e-2, mu_dtype=jnp.bfloat16)
+    _, state = run(tx, params, grad_sequence(params, 3))
+    with ocp.StandardCheckpointer() as checkpointer:
+        checkpointer.save(tmp_path / "state", state)
+        checkpointer.wait_until_finished()
+        restored = checkpointer.restore(tmp_path / "state", jax.eval_shape(lambda: state))
+    assert isinstance(restored, adamx.AdamState)
+    assert jax.tree.structure(restored) == jax.tree.structure(state)
+    for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(restored)):
+        assert a.dtype == b.dtype
+        np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
