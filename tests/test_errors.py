@@ -95,8 +95,11 @@ def test_init_on_an_integer_or_boolean_leaf_names_its_key_path(dtype):
 
 
 def test_optax_accepts_what_adamx_rejects():
-    # The peer behaviour that motivates the checks: optax builds these without complaint.
-    optax.adam(1e-3, b1=1.5)
-    optax.adam(1e-3, b2=1.0)
-    updates, _ = optax.adam(1e-3, b2=1.0).update(jnp.ones(2), optax.adam(1e-3, b2=1.0).init(jnp.ones(2)))
-    assert np.isnan(np.asarray(updates)).all()
+    # The peer behaviour that motivates the checks: optax builds all of these without complaint.
+    for tx in (optax.adam("fast"), optax.adam(1e-3, b1=1.5), optax.adam(1e-3, b1=-0.1)):
+        assert tx.init(jnp.ones(2)) is not None
+    g = jnp.ones(2)
+    nan_updates, _ = optax.adam(1e-3, b2=1.0).update(g, optax.adam(1e-3, b2=1.0).init(g))
+    assert np.isnan(np.asarray(nan_updates)).all()
+    inf_updates, _ = optax.adam(1e-3, eps=-1.0).update(g, optax.adam(1e-3, eps=-1.0).init(g))
+    assert np.isneginf(np.asarray(inf_updates)).all()
