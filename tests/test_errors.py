@@ -101,5 +101,6 @@ def test_optax_accepts_what_adamx_rejects():
     g = jnp.ones(2)
     nan_updates, _ = optax.adam(1e-3, b2=1.0).update(g, optax.adam(1e-3, b2=1.0).init(g))
     assert np.isnan(np.asarray(nan_updates)).all()
-    inf_updates, _ = optax.adam(1e-3, eps=-1.0).update(g, optax.adam(1e-3, eps=-1.0).init(g))
+    negative_eps = optax.adam(1e-3, b1=0.5, b2=0.5, eps=-1.0)  # b = 0.5: v_hat is exactly 1
+    inf_updates, _ = negative_eps.update(g, negative_eps.init(g))
     assert np.isneginf(np.asarray(inf_updates)).all()
