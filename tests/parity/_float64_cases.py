@@ -1,0 +1,61 @@
+"""Run every parity case in float64 and print each case's largest relative error as JSON.
+
+Run as ``python -m tests.parity._float64_cases`` from the repository root. It is a separate
+process because float64 JAX needs ``jax_enable_x64`` set before any array is made, and the rest
+of the test suite runs in float32. A peer that is not installed is reported as ``null``.
+"""
+
+import importlib.util
+import json
+import os
+
+os.environ.setdefault("KERAS_BACKEND", "jax")
+
+import jax  # noqa: E402
+
+jax.config.update("jax_enable_x64", True)
+
+import numpy as np  # noqa: E402
+
+from ._cases import FLOAT64, KERAS, KERAS_PREPARE, OPTAX, TORCH  # noqa: E402
+from ._peers import (  # noqa: E402
+    FixedGradients,
+    gradient_sequence,
+    initial_params,
+    max_relative_error,
+    run_keras,
+    run_optax,
+    run_torch,
+)
+
+
+def main():
+    """Print {"peer/case": max relative error or null} for the cases listed in FLOAT64."""
+    params0 = initial_params(0, np.float64)
+    source = FixedGradients(gradient_sequence(0, np.float64))
+    results = {}
+    for peer, cases in (("torch", TORCH), ("keras", KERAS), ("optax", OPTAX)):
+        available = importlib.util.find_spec(peer) is not None
+        for name in FLOAT64[peer]:
+            build_peer, build_adamx = cases[name]
+            if not available:
+                results[f"{peer}/{name}"] = None
+                continue
+            if peer == "torch":
+                expected = run_torch(build_peer, params0, source)
+            elif peer == "keras":
+                expected = run_keras(build_peer, params0, source, prepare=KERAS_PREPARE.get(name))
+            else:
+                expected = run_optax(build_peer(), params0, source)
+            actual = run_optax(build_adamx(), params0, source)
+            dtypes = {str(v.dtype) for v in (*actual.values(), *expected.values())}
+            # A float32 leaf on either side would make a 1e-10 comparison meaningless.
+            if dtypes == {"float64"}:
+                results[f"{peer}/{name}"] = max_relative_error(actual, expected)
+            else:
+                results[f"{peer}/{name}"] = f"dtypes {sorted(dtypes)}"
+    print(json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()

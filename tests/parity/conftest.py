@@ -1,0 +1,66 @@
+"""Shared fixtures for the parity suite: Keras's backend, gradient sequences, float64 results."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+# Keras picks its backend at first import; every parity test runs it on JAX.
+os.environ.setdefault("KERAS_BACKEND", "jax")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+from ._peers import FixedGradients, QuadraticGradients, gradient_sequence, initial_params  # noqa: E402
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="session")
+def params32():
+    """Initial float32 parameters, one leaf per shape in ``_peers.LEAVES``."""
+    return initial_params(0, np.float32)
+
+
+@pytest.fixture(scope="session")
+def fixed_grads32():
+    """A fixed float32 gradient sequence (a function of the step only)."""
+    return FixedGradients(gradient_sequence(0, np.float32))
+
+
+@pytest.fixture(scope="session")
+def quadratic_grads32():
+    """Gradients of a quadratic loss, evaluated at each optimizer's own parameters."""
+    return QuadraticGradients(0, np.float32)
+
+
+@pytest.fixture(scope="session")
+def float64_errors():
+    """Largest relative error of every case in float64, computed once in a fresh x64 process."""
+    env = dict(os.environ, JAX_ENABLE_X64="1", KERAS_BACKEND="jax")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    proc = subprocess.run(
+        [sys.executable, "-m", "tests.parity._float64_cases"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture
+def check_float64(float64_errors):
+    """A function asserting that one ``"peer/case"`` agreed to 1e-10 relative in float64."""
+
+    def check(key, rtol=1e-10):
+        err = float64_errors[key]
+        if err is None:
+            pytest.skip(f"{key.split('/')[0]} is not installed in the float64 subprocess")
+        assert not isinstance(err, str), f"{key}: {err}"
+        assert err <= rtol, f"{key}: float64 relative error {err:.3g} > {rtol:g}"
+
+    return check

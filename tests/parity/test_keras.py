@@ -1,0 +1,50 @@
+"""adamx against keras.optimizers (JAX backend) on identical gradients: Adam, AdamW, AMSGrad."""
+
+import pytest
+
+keras = pytest.importorskip("keras", reason="keras is a peer in the `parity` extra: pip install adamx[parity]")
+
+import adamx  # noqa: E402
+
+from ._cases import FLOAT64, KERAS, KERAS_PREPARE, MASK  # noqa: E402
+from ._peers import LR, WD, assert_trajectories_close, max_relative_error, run_keras, run_optax  # noqa: E402
+
+
+def _run_case(case, params, grads):
+    build_keras, build_adamx = KERAS[case]
+    expected = run_keras(build_keras, params, grads, prepare=KERAS_PREPARE.get(case))
+    return expected, run_optax(build_adamx(), params, grads)
+
+
+def test_keras_runs_on_the_jax_backend():
+    assert keras.backend.backend() == "jax"
+
+
+@pytest.mark.parametrize("case", list(KERAS))
+def test_adamx_matches_keras_float32(case, params32, fixed_grads32):
+    expected, actual = _run_case(case, params32, fixed_grads32)
+    assert_trajectories_close(actual, expected, rtol=2e-5)
+
+
+@pytest.mark.parametrize("case", FLOAT64["keras"])
+def test_adamx_matches_keras_float64(case, check_float64):
+    check_float64(f"keras/{case}")
+
+
+def test_adamx_matches_keras_on_quadratic_loss_gradients(params32, quadratic_grads32):
+    expected, actual = _run_case("adam_amsgrad", params32, quadratic_grads32)
+    assert_trajectories_close(actual, expected, rtol=2e-5)
+
+
+def test_keras_adam_is_not_plain_adam_with_keras_epsilon(params32, fixed_grads32):
+    expected = run_keras(lambda: keras.optimizers.Adam(learning_rate=LR), params32, fixed_grads32)
+    plain = run_optax(adamx.adam(LR, eps=1e-7), params32, fixed_grads32)
+    assert max_relative_error(plain, expected) > 1e-3
+
+
+def test_keras_weight_decay_exclusion_matters(params32, fixed_grads32):
+    # Guards the adamw_exclude case: Keras really skipped the excluded leaves.
+    excluded = run_keras(KERAS["adamw_exclude"][0], params32, fixed_grads32, prepare=KERAS_PREPARE["adamw_exclude"])
+    unmasked = run_optax(adamx.adamw(LR, eps=1e-7, eps_hat=True, weight_decay=WD), params32, fixed_grads32)
+    assert any(not decayed for decayed in MASK.values())
+    assert max_relative_error(unmasked, excluded) > 1e-3
