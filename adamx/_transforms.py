@@ -141,7 +141,9 @@ def adamw(
     weight_decay=1e-4, mask=None, *, nu_dtype=None, nesterov=False, eps_hat=False,
     maximize=False,
 ):
-    r"""AdamW: Adam with decoupled weight decay, :math:`u_t = -\eta(\hat m_t/(\sqrt{\hat v_t}+\epsilon) + \lambda\theta)`.
+    r"""AdamW: Adam with decoupled weight decay (Loshchilov & Hutter, 2019).
+
+    :math:`u_t = -\eta(\hat m_t/(\sqrt{\hat v_t}+\epsilon) + \lambda\theta)`.
 
     Matches ``optax.adamw`` (and ``torch.optim.AdamW``; with ``eps_hat=True``,
     ``keras.optimizers.AdamW``). The update needs the params: ``tx.update(grads, state, params)``.

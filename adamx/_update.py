@@ -123,7 +123,9 @@ def _decay_flags(fn, treedef, grads, params, weight_decay, mask):
     try:
         full = jax.tree.map(lambda m, sub: jax.tree.map(lambda _: m, sub), mask_tree, grads)
     except ValueError as e:
-        raise ValueError(f"{fn}: mask must have the params' tree structure (or a prefix): {e}")
+        raise ValueError(
+            f"{fn}: mask must have the params' tree structure (or a prefix): {e}"
+        ) from None
     flags = treedef.flatten_up_to(full)
     for flag in flags:
         if not isinstance(flag, (bool, np.bool_)):

@@ -21,7 +21,7 @@ for options in CASES:
     params = nested_params(jnp.float64, seed=3)
     grads = grad_sequence(params, 60, seed=4)
     state = adamx.init(params)
-    step = jax.jit(lambda p, s, g: adamx.update(g, s, p, learning_rate=1e-2, b2=0.99, **options))
+    step = jax.jit(lambda p, s, g, o=options: adamx.update(g, s, p, learning_rate=1e-2, b2=0.99, **o))
     history = []
     for g in grads:
         updates, state = step(params, state, g)
