@@ -1,0 +1,275 @@
+"""A whole Adam step in one call: new params and state, with one CPU kernel over every leaf.
+
+:func:`apply` computes what ``adamx.update`` followed by ``optax.apply_updates`` computes. On
+XLA:CPU, when every leaf is float32 and the options are supported, the whole step is a single
+custom call (``adamx/_ffi/adam_step.cc``) that reads params, grads and both moments once and
+writes params and moments in place: 28 bytes per parameter, one dispatch for the whole tree, and
+the intra-op thread pool splitting the work. Everywhere else (GPU, TPU, other dtypes, AMSGrad,
+Adamax, no C++ compiler) it runs the plain JAX path, which is also the tests' oracle.
+
+The kernel is compiled with the machine's ``g++`` (or ``$CXX``) on first use into a cache
+directory (``$ADAMX_CACHE_DIR``, else ``$XDG_CACHE_HOME/adamx``, else ``~/.cache/adamx``),
+keyed by a hash of its source, the compiler flags and the jaxlib version. Nothing is compiled at
+install or import time.
+"""
+
+import ctypes
+import functools
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from adamx import _numerics, _storage
+from adamx._checks import check_bool, check_learning_rate, check_same_structure
+from adamx._state import AdamState
+from adamx._update import (
+    Rule,
+    _decay_flags,
+    _scalars,
+    check_hyperparams,
+    check_rule,
+    resolve_learning_rate,
+    update,
+)
+
+_SOURCE = Path(__file__).parent / "_ffi" / "adam_step.cc"
+_TARGET = "adamx_adam_step_f32"
+_SYMBOL = "AdamxAdamStepF32"
+_FLAGS = ("-O3", "-march=native", "-ffp-contract=fast", "-fno-math-errno", "-std=c++17",
+          "-shared", "-fPIC")
+# Order of the kernel's step-scalar vector (enum Scalar in adam_step.cc).
+_SCALAR_ORDER = ("scale", "b1", "omb1", "b2", "omb2", "eps", "eps_root", "weight_decay",
+                 "inv_bc1", "inv_bc2", "step_scale", "nesterov_m", "nesterov_g")
+_MAXIMIZE, _EPS_HAT, _NESTEROV = 1, 2, 4
+# Elements per work item handed to a thread: large enough to amortize scheduling.
+_CHUNK = 1 << 16
+
+
+def _cache_dir():
+    if "ADAMX_CACHE_DIR" in os.environ:
+        return Path(os.environ["ADAMX_CACHE_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "adamx"
+
+
+def _build(cxx):
+    """Compiles the kernel into the cache (once per source, flags and jaxlib); returns its path."""
+    key = hashlib.sha256()
+    key.update(_SOURCE.read_bytes())
+    key.update(" ".join((cxx,) + _FLAGS).encode())
+    for header in sorted(Path(jax.ffi.include_dir()).rglob("*.h")):
+        key.update(header.read_bytes())
+    lib = _cache_dir() / f"adam_step_{key.hexdigest()[:16]}.so"
+    if lib.exists():
+        return lib
+    lib.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=lib.parent) as tmp:
+        out = Path(tmp) / lib.name
+        cmd = [cxx, *_FLAGS, f"-I{jax.ffi.include_dir()}", str(_SOURCE), "-o", str(out)]
+        subprocess.run(cmd, check=True, capture_output=True, text=True)
+        os.replace(out, lib)  # atomic: a concurrent process sees the old state or the whole file
+    return lib
+
+
+@functools.lru_cache(maxsize=None)
+def _kernel_status():
+    """(True, "") once the kernel is built and registered for CPU, else (False, the reason)."""
+    if os.environ.get("ADAMX_DISABLE_KERNEL"):
+        return False, "ADAMX_DISABLE_KERNEL is set"
+    cxx = os.environ.get("CXX", "g++")
+    if shutil.which(cxx) is None:
+        return False, f"no C++ compiler ({cxx!r} not found)"
+    try:
+        lib = ctypes.CDLL(str(_build(cxx)))
+        capsule = jax.ffi.pycapsule(getattr(lib, _SYMBOL))
+        jax.ffi.register_ffi_target(_TARGET, capsule, platform="cpu")
+    except (OSError, subprocess.CalledProcessError, AttributeError) as e:
+        detail = getattr(e, "stderr", "") or str(e)
+        return False, f"building the kernel failed: {detail.strip()[:500]}"
+    return True, ""
+
+
+def kernel_available():
+    """Whether the fused CPU kernel can be used here (building it on first call if needed).
+
+    Returns:
+      True when the kernel is compiled and registered for XLA:CPU. Set ``ADAMX_DISABLE_KERNEL=1``
+      before the first call to keep :func:`apply` on the plain JAX path.
+
+    Example:
+      >>> import adamx
+      >>> isinstance(adamx.kernel_available(), bool)
+      True
+    """
+    return _kernel_status()[0]
+
+
+def _unsupported(g_leaves, mu_leaves, nu_leaves, p_leaves, state, rule):
+    """Why the kernel cannot run this step, or None when it can."""
+    if state.nu_max is not None:
+        return "AMSGrad states (nu_max) are not supported"
+    if rule.infinity_norm or rule.max_bias_corrected:
+        return "Adamax and max_bias_corrected are not supported"
+    for leaves in (g_leaves, mu_leaves, nu_leaves, p_leaves):
+        for x in leaves:
+            if not isinstance(x, (jax.Array, np.ndarray)) or x.dtype != jnp.float32:
+                return "every param, grad and moment must be a float32 array"
+    return None
+
+
+def _kernel_step(g_leaves, mu_leaves, nu_leaves, p_leaves, decay, scalars, rule):
+    """Runs the custom call (leaves of any shape, row-major); returns flat lists (params, mu, nu).
+
+    Empty leaves have nothing to update and are passed through without entering the call.
+    """
+    live = [k for k, p in enumerate(p_leaves) if np.size(p)]
+    new_p, new_mu, new_nu = list(p_leaves), list(mu_leaves), list(nu_leaves)
+    if not live:
+        return new_p, new_mu, new_nu
+    operands = [scalars]
+    for k in live:
+        operands += [p_leaves[k], g_leaves[k], mu_leaves[k], nu_leaves[k]]
+    result_types = [jax.ShapeDtypeStruct(np.shape(p_leaves[k]), jnp.float32)
+                    for k in live for _ in range(3)]
+    # Operand 1 + 4j (param), 3 + 4j (mu), 4 + 4j (nu) are updated in place as results 3j..3j+2.
+    aliases = {}
+    for j in range(len(live)):
+        aliases.update({1 + 4 * j: 3 * j, 3 + 4 * j: 3 * j + 1, 4 + 4 * j: 3 * j + 2})
+    flags = ((_MAXIMIZE if rule.maximize else 0) | (_EPS_HAT if rule.eps_hat else 0)
+             | (_NESTEROV if rule.nesterov else 0))
+    call = jax.ffi.ffi_call(_TARGET, result_types, input_output_aliases=aliases,
+                            vmap_method="sequential")
+    out = call(*operands, flags=np.int64(flags), decay=np.asarray([decay[k] for k in live], np.int32),
+               chunk=np.int64(_CHUNK))
+    for j, k in enumerate(live):
+        new_p[k], new_mu[k], new_nu[k] = out[3 * j: 3 * j + 3]
+    return new_p, new_mu, new_nu
+
+
+def _step_scalars(count, lr, *, b1, b2, eps, eps_root, weight_decay, rule):
+    """The kernel's float32 scalar vector, computed exactly as the plain path computes them."""
+    s = _scalars(jnp.float32, count, b1=b1, b2=b2, eps=eps, eps_root=eps_root,
+                 weight_decay=weight_decay, rule=rule)
+    s["scale"] = jnp.asarray(-lr, jnp.float32)
+    one = jnp.ones([], jnp.float32)
+    # XLA:CPU turns the plain path's division by a scalar into this multiplication.
+    s["inv_bc1"] = one / s["bc1"]
+    s["inv_bc2"] = one / s.get("bc2", one)
+    s.setdefault("step_scale", one)
+    if rule.nesterov:
+        # The plain path casts these products to float32 after forming them in float32.
+        s["nesterov_m"] = s["b1"] / s["bc1_next"]
+        s["nesterov_g"] = s["omb1"] / s["bc1"]
+    return jnp.stack([jnp.asarray(s.get(k, one), jnp.float32) for k in _SCALAR_ORDER])
+
+
+def apply(
+    grads,
+    state,
+    params,
+    *,
+    learning_rate,
+    b1=0.9,
+    b2=0.999,
+    eps=1e-8,
+    eps_root=0.0,
+    weight_decay=0.0,
+    mask=None,
+    eps_hat=False,
+    maximize=False,
+    nesterov=False,
+    fused=None,
+):
+    r"""One whole Adam step: returns ``(new_params, new_state)``.
+
+    Computes ``optax.apply_updates(params, u)`` with ``u, new_state = adamx.update(grads, state,
+    params, ...)``, with the same arguments and checks (see :func:`adamx.update` for the
+    equations). On XLA:CPU with float32 leaves it runs one multithreaded kernel over all leaves,
+    in place when the caller's ``jax.jit`` donates ``params`` and ``state``
+    (``donate_argnums``); results match the plain path to float32 rounding. Elsewhere it runs
+    the plain JAX path (the default on GPU and TPU).
+
+    Args:
+      grads: Gradients, with the structure and shapes of ``params``.
+      state: An :class:`adamx.AdamState` (from :func:`adamx.init`, without ``amsgrad`` for the
+        kernel).
+      params: The current params.
+      learning_rate: A number, an array, or a schedule of the step count before this step.
+      b1, b2, eps, eps_root, weight_decay, mask, eps_hat, maximize, nesterov: As in
+        :func:`adamx.update`.
+      fused: None picks the kernel when it applies; False always runs the plain path; True
+        raises instead of falling back.
+
+    Returns:
+      ``(new_params, new_state)``, with the dtypes and structures of ``params`` and ``state``.
+
+    Raises:
+      ValueError: As :func:`adamx.update` does (hyperparameter ranges, structure mismatches).
+      TypeError: For a non-number hyperparameter or a state that is not an AdamState.
+      RuntimeError: If ``fused=True`` and the kernel is unavailable or these leaves/options
+        are unsupported (the message says which).
+
+    Example:
+      >>> import jax, jax.numpy as jnp, adamx
+      >>> params = {"w": jnp.array([1.0, -2.0])}
+      >>> state = adamx.init(params)
+      >>> step = jax.jit(lambda p, s, g: adamx.apply(g, s, p, learning_rate=0.1),
+      ...                donate_argnums=(0, 1))
+      >>> params, state = step(params, state, {"w": jnp.array([0.5, -0.5])})
+      >>> params["w"]
+      Array([ 0.9, -1.9], dtype=float32)
+    """
+    fn = "adamx.apply"
+    rule = Rule(eps_hat, maximize, nesterov)
+    check_rule(fn, rule)
+    if fused is not None:
+        check_bool(fn, fused=fused)
+    check_learning_rate(fn, learning_rate)
+    check_hyperparams(fn, b1=b1, b2=b2, eps=eps, eps_root=eps_root, weight_decay=weight_decay)
+    if not isinstance(state, AdamState):
+        raise TypeError(f"{fn}: state must be an adamx.AdamState, got {type(state).__name__}")
+    lr = resolve_learning_rate(learning_rate, state.count)
+    hyper = dict(b1=b1, b2=b2, eps=eps, eps_root=eps_root, weight_decay=weight_decay)
+
+    def plain(grads, state, params):
+        updates, new_state = update(grads, state, params, learning_rate=lr, mask=mask,
+                                    eps_hat=eps_hat, maximize=maximize, nesterov=nesterov,
+                                    **hyper)
+        return optax.apply_updates(params, updates), new_state
+
+    if fused is False:
+        return plain(grads, state, params)
+    g_leaves, mu_leaves, treedef = check_same_structure(
+        fn, grads, state.mu, is_leaf=_storage.is_moment_leaf)
+    nu_leaves = jax.tree.leaves(state.nu, is_leaf=_storage.is_moment_leaf)
+    p_leaves = treedef.flatten_up_to(params)
+    available, why = _kernel_status()
+    if available:
+        why = _unsupported(g_leaves, mu_leaves, nu_leaves, p_leaves, state, rule)
+    if why is not None or not g_leaves:
+        if fused:
+            raise RuntimeError(f"{fn}: fused=True but the kernel cannot run: {why or 'no leaves'}")
+        return plain(grads, state, params)
+    decay = _decay_flags(fn, treedef, grads, params, weight_decay, mask)
+    count = _numerics.safe_increment(state.count)
+    scalars = _step_scalars(count, lr, rule=rule, **hyper)
+
+    def kernel(grads, state, params):
+        new_p, new_mu, new_nu = _kernel_step(
+            treedef.flatten_up_to(grads), jax.tree.leaves(state.mu, is_leaf=_storage.is_moment_leaf),
+            jax.tree.leaves(state.nu, is_leaf=_storage.is_moment_leaf),
+            treedef.flatten_up_to(params), decay, scalars, rule)
+        new_state = state.replace(count=count, mu=treedef.unflatten(new_mu),
+                                  nu=treedef.unflatten(new_nu))
+        return treedef.unflatten(new_p), new_state
+
+    # Only the branch for the platform being compiled for is lowered; GPU and TPU run plain JAX.
+    return jax.lax.platform_dependent(grads, state, params, cpu=kernel, default=plain)

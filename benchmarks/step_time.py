@@ -1,0 +1,346 @@
+"""Adam step time: adamx vs optax.adam vs torch.optim.Adam, side by side in one run.
+
+Each JAX step is one jitted function (update + ``optax.apply_updates``, or ``adamx.apply`` for the
+fused path) with params and state donated. Each torch step is ``optimizer.step()`` with the grads
+already in place. Times are medians of ``--repeats`` runs after warm-up (``block_until_ready``).
+
+Effective GB/s counts 28 bytes per float32 parameter (read p, g, m, v; write p, m, v), the least
+traffic any Adam step can move. The floor is this machine's measured in-place bandwidth in the same
+run: ``a += b`` over 16M float32 (12 bytes per element moved), with NumPy (one thread) and with
+torch (its intra-op threads); the faster of the two is the floor, and "% floor" is the step's
+effective GB/s over it. The paths of a tree run interleaved (one step of each per round), so a
+change of load on a shared machine hits all of them alike; the ratios are the numbers to read.
+"peak RSS" is the process's peak after building that path (cumulative over the run).
+
+Usage::
+
+    python benchmarks/step_time.py                      # everything (a few minutes)
+    python benchmarks/step_time.py --trees a --paths adamx,optax,torch-fused --repeats 15
+    python benchmarks/step_time.py --json results.json --no-keras
+"""
+
+import argparse
+import json
+import platform
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+BYTES_PER_PARAM = 28
+JAX_PATHS = ("adamx", "adamx-fused", "optax")
+TORCH_PATHS = ("torch-loop", "torch-foreach", "torch-fused")
+ALL_PATHS = JAX_PATHS + TORCH_PATHS
+TREES = ("a", "b", "c")
+TREE_NAMES = {
+    "a": "(a) one leaf, 16M",
+    "b": "(b) 1,000 leaves, 256-8,192",
+    "c": "(c) MLP 784-1024-1024-1024-10",
+}
+LR = 1e-3
+FLOOR_ELEMENTS = 16 * 2**20
+FLOOR_BYTES = 12 * FLOOR_ELEMENTS  # read a, read b, write a
+
+
+def make_tree(name, seed=0):
+    """The params and grads of a benchmark tree, as dicts of float32 NumPy arrays."""
+    rng = np.random.default_rng(seed)
+    if name == "a":
+        shapes = {"w": (16 * 2**20,)}
+    elif name == "b":
+        sizes = rng.integers(256, 8192, size=1000, endpoint=True)
+        shapes = {f"leaf{i:04d}": (int(n),) for i, n in enumerate(sizes)}
+    elif name == "c":
+        widths = [784, 1024, 1024, 1024, 10]
+        shapes = {}
+        for i, (n_in, n_out) in enumerate(zip(widths[:-1], widths[1:])):
+            shapes[f"dense{i}/kernel"] = (n_in, n_out)
+            shapes[f"dense{i}/bias"] = (n_out,)
+    else:
+        raise ValueError(f"unknown tree {name!r}")
+    params = {k: rng.standard_normal(s, dtype=np.float32) for k, s in shapes.items()}
+    grads = {k: rng.standard_normal(s, dtype=np.float32) for k, s in shapes.items()}
+    return params, grads
+
+
+def peak_rss_mb():
+    """Peak resident set size of this process so far, in MiB (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def time_calls(fns, repeats, warmup):
+    """Median and all wall times (ms) of each ``fns[k]()``, which must block until done.
+
+    The calls are interleaved (one of each per round, in rotation), so that a change in the
+    machine's load during the run affects every path alike.
+    """
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times = {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[k].append((time.perf_counter() - t0) * 1e3)
+    return {k: (statistics.median(t), t) for k, t in times.items()}
+
+
+def floor_calls():
+    """In-place ``a += b`` over 16M float32 with NumPy (one thread) and torch (its threads)."""
+    n = FLOOR_ELEMENTS
+    a = np.ones(n, np.float32)
+    b = np.ones(n, np.float32)
+    fns = {"floor:numpy": lambda: np.add(a, b, out=a)}
+    try:
+        import torch
+    except ImportError:
+        return fns
+    ta = torch.ones(n)
+    tb = torch.ones(n)
+    fns["floor:torch"] = lambda: ta.add_(tb)
+    return fns
+
+
+def fused_apply():
+    """``adamx.apply``, or its defining module's function before it is exported."""
+    import adamx
+
+    if hasattr(adamx, "apply"):
+        return adamx.apply
+    from adamx import _fused
+
+    return _fused.apply
+
+
+def jax_step(path):
+    """The step function of a JAX path: (params, state, grads) -> (params, state)."""
+    import optax
+
+    if path == "optax":
+        opt = optax.adam(LR)
+    elif path == "adamx":
+        import adamx
+
+        opt = adamx.adam(LR)
+    elif path == "adamx-fused":
+        import adamx
+
+        apply = fused_apply()
+
+        def step(params, state, grads):
+            return apply(grads, state, params, learning_rate=LR)
+
+        return adamx.init, step
+    else:
+        raise ValueError(path)
+
+    def step(params, state, grads):
+        updates, state = opt.update(grads, state, params)
+        return optax.apply_updates(params, updates), state
+
+    return opt.init, step
+
+
+def bench_jax(path, tree):
+    """One JAX path on one tree: returns (a blocking step call, lower+compile seconds)."""
+    import jax
+
+    init, step = jax_step(path)
+    params_np, grads_np = make_tree(tree)
+    params = jax.tree.map(jax.numpy.asarray, params_np)
+    grads = jax.tree.map(jax.numpy.asarray, grads_np)
+    state = jax.jit(init)(params)
+    jitted = jax.jit(step, donate_argnums=(0, 1))
+    t0 = time.perf_counter()
+    compiled = jitted.lower(params, state, grads).compile()
+    compile_s = time.perf_counter() - t0
+    carry = [params, state]
+
+    def call():
+        carry[0], carry[1] = compiled(carry[0], carry[1], grads)
+        jax.block_until_ready(carry)
+
+    return call, compile_s
+
+
+def bench_torch(path, tree):
+    """One ``torch.optim.Adam`` variant on one tree: returns (its step, None)."""
+    import torch
+
+    params_np, grads_np = make_tree(tree)
+    params = [torch.tensor(p, requires_grad=True) for p in params_np.values()]
+    for p, g in zip(params, grads_np.values()):
+        p.grad = torch.tensor(g)
+    options = {
+        "torch-loop": {"foreach": False},
+        "torch-foreach": {"foreach": True},
+        "torch-fused": {"fused": True},
+    }[path]
+    opt = torch.optim.Adam(params, lr=LR, **options)
+    return opt.step, None
+
+
+def available(path):
+    """Why ``path`` cannot run here, or None when it can."""
+    module = "torch" if path.startswith("torch") else "adamx" if path.startswith("adamx") else "optax"
+    try:
+        mod = __import__(module)
+    except ImportError as e:
+        return f"{module} not importable ({e})"
+    if path == "adamx-fused":
+        try:
+            fused_apply()
+        except ImportError as e:
+            return f"adamx.apply not present ({e})"
+        from adamx import _fused
+
+        if not _fused.kernel_available():
+            return f"fused kernel unavailable ({_fused._kernel_status()[1]})"
+    if path == "adamx" and not hasattr(mod, "adam"):
+        return "adamx.adam not present"
+    return None
+
+
+def run_steps(trees, paths, repeats, warmup):
+    """All (tree, path) step timings, plus the bandwidth floor, as one result dict."""
+    results = {"floor_method": "a += b over 16M float32 (12 B/element), NumPy 1 thread and "
+                               "torch's threads, timed interleaved with each tree's paths; "
+                               "floor = the faster", "trees": {}}
+    try:
+        import torch
+
+        results["torch_threads"] = torch.get_num_threads()
+    except ImportError:
+        pass
+    for tree in trees:
+        n_params = sum(p.size for p in make_tree(tree)[0].values())
+        entry = {"n_params": int(n_params), "paths": {}}
+        calls = floor_calls()
+        for path in paths:
+            why = available(path)
+            if why is not None:
+                entry["paths"][path] = {"skipped": why}
+                continue
+            bench = bench_torch if path in TORCH_PATHS else bench_jax
+            calls[path], compile_s = bench(path, tree)
+            entry["paths"][path] = {"compile_s": compile_s, "peak_rss_mb": peak_rss_mb()}
+            print(f"  {tree} {path}: built", file=sys.stderr, flush=True)
+        timed = time_calls(calls, repeats, warmup)
+        floors = {k.split(":")[1]: FLOOR_BYTES / timed.pop(k)[0] / 1e6
+                  for k in list(timed) if k.startswith("floor:")}
+        entry["floor_gbps"] = floors
+        floor = max(floors.values())
+        for path, (med, times) in timed.items():
+            r = entry["paths"][path]
+            r.update(median_ms=med, times_ms=times)
+            r["gbps"] = BYTES_PER_PARAM * n_params / med / 1e6
+            r["pct_floor"] = 100 * r["gbps"] / floor
+        del calls
+        for r in entry["paths"].values():
+            for ref in ("adamx", "optax", "torch-fused"):
+                base = entry["paths"].get(ref, {}).get("median_ms")
+                if "median_ms" in r and base:
+                    r[f"x_{ref}"] = r["median_ms"] / base
+        results["trees"][tree] = entry
+    return results
+
+
+def print_steps(results):
+    """Prints the step-time tables as Markdown."""
+    print(f"Bandwidth floor: {results['floor_method']}")
+    for tree, entry in results["trees"].items():
+        floors = entry["floor_gbps"]
+        floor = max(floors.values())
+        floor_ms = BYTES_PER_PARAM * entry["n_params"] / floor / 1e6
+        measured = ", ".join(f"{k} {v:.1f} GB/s" for k, v in floors.items())
+        print(f"\n{TREE_NAMES[tree]}: {entry['n_params']:,} params; floor {measured}; "
+              f"floor time at 28 B/param {floor_ms:.2f} ms")
+        print("| path | median ms | GB/s | % floor | x adamx | x optax | x torch-fused "
+              "| compile s | peak RSS MiB |")
+        print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+        for path, r in entry["paths"].items():
+            if "skipped" in r:
+                print(f"| {path} | skipped: {r['skipped']} |||||||")
+                continue
+
+            def ratio(key, r=r):
+                return f"{r[key]:.2f}" if key in r else "-"
+
+            comp = f"{r['compile_s']:.2f}" if r["compile_s"] is not None else "-"
+            print(f"| {path} | {r['median_ms']:.2f} | {r['gbps']:.1f} | {r['pct_floor']:.0f} "
+                  f"| {ratio('x_adamx')} | {ratio('x_optax')} | {ratio('x_torch-fused')} "
+                  f"| {comp} | {r['peak_rss_mb']:.0f} |")
+
+
+def run_training(epochs):
+    """Per-epoch wall time: the Flax example vs ``keras.Model.fit`` on the same task."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
+    try:
+        import flax_mlp
+    except ImportError as e:
+        return {"skipped": f"examples/flax_mlp.py not importable ({e})"}
+    out = flax_mlp.main(["--task", "seed", "--quiet", "--epochs", str(epochs)])
+    result = {"flax": {"median_epoch_s": statistics.median(out["epoch_times"]),
+                       "compile_s": out.get("compile_s"), "epochs": len(out["epoch_times"])}}
+    keras_fit = getattr(flax_mlp, "keras_fit", None)
+    if keras_fit is None:
+        result["keras"] = {"skipped": "flax_mlp.keras_fit (same model and data in Keras) not present"}
+    else:
+        times = keras_fit(task="seed", epochs=epochs, batch_size=32)
+        result["keras"] = {"median_epoch_s": statistics.median(times), "epochs": len(times)}
+    return result
+
+
+def print_training(result, epochs):
+    """Prints the training table as Markdown."""
+    print(f"\nKeras example (--task seed), {epochs} epochs, batch 32: wall time per epoch")
+    if "skipped" in result:
+        print(f"skipped: {result['skipped']}")
+        return
+    print("| trainer | median s/epoch | first-epoch compile s |")
+    print("|---|---:|---:|")
+    for name, r in result.items():
+        if "skipped" in r:
+            print(f"| {name} | skipped: {r['skipped']} | |")
+            continue
+        comp = f"{r['compile_s']:.2f}" if r.get("compile_s") is not None else "-"
+        print(f"| {name} | {r['median_epoch_s'] * 1e3:.1f} ms | {comp} |")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--trees", default=",".join(TREES), help="comma list of a,b,c")
+    parser.add_argument("--paths", default=",".join(ALL_PATHS), help="comma list of paths")
+    parser.add_argument("--repeats", type=int, default=21, help="timed runs (median of these)")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed runs first")
+    parser.add_argument("--epochs", type=int, default=50, help="epochs for the training table")
+    parser.add_argument("--no-keras", action="store_true", help="skip the training table")
+    parser.add_argument("--json", type=Path, help="also write all results to this file")
+    args = parser.parse_args(argv)
+    trees = [t for t in args.trees.split(",") if t]
+    paths = [p for p in args.paths.split(",") if p]
+    for p in paths:
+        if p not in ALL_PATHS:
+            parser.error(f"unknown path {p!r}; choose from {', '.join(ALL_PATHS)}")
+    import jax
+
+    print(f"jax {jax.__version__} on {jax.default_backend()}, {platform.processor() or platform.machine()}, "
+          f"median of {args.repeats} after {args.warmup} warm-up", flush=True)
+    results = run_steps(trees, paths, args.repeats, args.warmup)
+    print_steps(results)
+    if not args.no_keras:
+        results["training"] = run_training(args.epochs)
+        print_training(results["training"], args.epochs)
+    results["peak_rss_mb"] = peak_rss_mb()
+    print(f"\npeak RSS of the whole run: {results['peak_rss_mb']:.0f} MiB")
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1))
+    return results
+
+
+if __name__ == "__main__":
+    main()

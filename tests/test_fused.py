@@ -1,0 +1,196 @@
+"""The fused whole-step path computes what the plain path computes, and falls back safely.
+
+The oracle is the plain JAX path (``adamx.update`` then ``optax.apply_updates``), itself checked
+against the float64 reference elsewhere; one test here also checks the kernel against
+``tests/reference.py`` directly.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from adamx import _fused
+from adamx._state import init
+from adamx._update import update
+from tests.helpers import grad_sequence, nested_params
+from tests.reference import ReferenceAdam
+
+STEPS = 20
+# Float32 rounding: the two paths contract different multiply-adds into FMAs, so values differ by
+# an ulp here and there, and a param keeps the absolute error of the larger values it had on its
+# way; so the tolerance is a few ulp of each leaf's scale.
+RTOL, ULPS = 2e-6, 8
+
+needs_kernel = pytest.mark.skipif(
+    not _fused.kernel_available(), reason=f"fused kernel unavailable: {_fused._kernel_status()[1]}"
+)
+
+
+def _plain_step(options):
+    def step(params, state, grads):
+        updates, state = update(grads, state, params, **options)
+        return optax.apply_updates(params, updates), state
+
+    return jax.jit(step)
+
+
+def _fused_step(options, fused=None):
+    def step(params, state, grads):
+        return _fused.apply(grads, state, params, fused=fused, **options)
+
+    return jax.jit(step, donate_argnums=(0, 1))
+
+
+def _wide_params():
+    """Leaves spanning the kernel's work chunks: a 0-d leaf, an empty one, one of 5 chunks."""
+    rng = np.random.default_rng(3)
+    sizes = [1, 7, 256, 8192, 5 * _fused._CHUNK + 13]
+    tree = {f"v{n}": jnp.asarray(rng.normal(size=n), jnp.float32) for n in sizes}
+    tree["scalar"] = jnp.float32(0.5)
+    tree["empty"] = jnp.zeros((0, 3), jnp.float32)
+    tree["matrix"] = jnp.asarray(rng.normal(size=(33, 17)), jnp.float32)
+    return tree
+
+
+def _run(step, params, grads_seq):
+    state = init(params)
+    params = jax.tree.map(jnp.copy, params)
+    for grads in grads_seq:
+        params, state = step(params, state, grads)
+    return params, state
+
+
+def _assert_trees_close(actual, expected):
+    assert jax.tree.structure(actual) == jax.tree.structure(expected)
+    for a, e in zip(jax.tree.leaves(actual), jax.tree.leaves(expected)):
+        assert a.dtype == e.dtype and a.shape == e.shape
+        e = np.asarray(e)
+        scale = float(np.max(np.abs(e), initial=1.0))
+        atol = ULPS * float(np.finfo(np.float32).eps) * scale
+        np.testing.assert_allclose(np.asarray(a), e, rtol=RTOL, atol=atol)
+
+
+OPTIONS = {
+    "adam": dict(learning_rate=1e-2),
+    "adamw": dict(learning_rate=1e-2, weight_decay=0.05),
+    "adamw_masked": dict(learning_rate=3e-3, weight_decay=0.1,
+                         mask=lambda p: jax.tree.map(lambda x: x.ndim > 1, p)),
+    "eps_root_b1_zero": dict(learning_rate=1e-2, b1=0.0, b2=0.99, eps_root=1e-6),
+    "eps_hat": dict(learning_rate=1e-2, eps_hat=True, eps=1e-7),
+    "maximize": dict(learning_rate=1e-2, maximize=True),
+    "nesterov": dict(learning_rate=1e-2, nesterov=True, weight_decay=0.01),
+    "schedule": dict(learning_rate=optax.linear_schedule(1e-2, 1e-3, 10)),
+    "traced_lr_array": dict(learning_rate=jnp.float32(5e-3), b2=jnp.float32(0.95)),
+}
+
+
+@needs_kernel
+@pytest.mark.parametrize("name", list(OPTIONS))
+@pytest.mark.parametrize("tree", ["nested", "wide"])
+def test_fused_matches_plain_path_over_20_steps(name, tree):
+    params = nested_params() if tree == "nested" else _wide_params()
+    grads_seq = grad_sequence(params, STEPS)
+    expected = _run(_plain_step(OPTIONS[name]), params, grads_seq)
+    actual = _run(_fused_step(OPTIONS[name], fused=True), params, grads_seq)
+    _assert_trees_close(actual, expected)
+
+
+@needs_kernel
+def test_fused_kernel_matches_float64_reference():
+    params = _wide_params()
+    grads_seq = grad_sequence(params, STEPS)
+    leaves = jax.tree.leaves(params)
+    ref = ReferenceAdam([(x.shape, False) for x in leaves], lr=1e-2, weight_decay=0.05)
+    expected = [np.asarray(x, np.float64) for x in leaves]
+    for grads in grads_seq:
+        deltas = ref.step([np.asarray(g) for g in jax.tree.leaves(grads)], expected)
+        expected = [p + u for p, u in zip(expected, deltas)]
+    actual, _ = _run(_fused_step(dict(learning_rate=1e-2, weight_decay=0.05), fused=True),
+                     params, grads_seq)
+    for a, e in zip(jax.tree.leaves(actual), expected):
+        np.testing.assert_allclose(np.asarray(a), e, rtol=1e-5, atol=1e-6)
+
+
+@needs_kernel
+def test_fused_step_is_one_custom_call_in_place_when_donated():
+    # An empty leaf is a constant that XLA copies (zero bytes), so leave it out here.
+    params = {k: v for k, v in _wide_params().items() if v.size}
+    state = init(params)
+    hlo = _fused_step(dict(learning_rate=1e-2)).lower(params, state, params).compile().as_text()
+    assert hlo.count("custom-call(") == 1
+    assert " copy(" not in hlo
+
+
+@needs_kernel
+def test_fused_step_without_donation_leaves_inputs_unchanged():
+    params = _wide_params()
+    grads = grad_sequence(params, 1)[0]
+    state = init(params)
+    before = jax.tree.map(np.array, (params, state))
+    step = jax.jit(lambda p, s, g: _fused.apply(g, s, p, learning_rate=1e-2, fused=True))
+    new_params, _ = step(params, state, grads)
+    for a, b in zip(jax.tree.leaves((params, state)), jax.tree.leaves(before)):
+        np.testing.assert_array_equal(np.asarray(a), b)
+    moved = [not np.array_equal(np.asarray(a), b) for a, b in
+             zip(jax.tree.leaves(new_params), jax.tree.leaves(before[0])) if b.size]
+    assert all(moved)
+
+
+@needs_kernel
+def test_fused_step_with_donation_consumes_inputs_and_matches_plain():
+    params = _wide_params()
+    grads = grad_sequence(params, 1)[0]
+    expected = _plain_step(dict(learning_rate=1e-2))(params, init(params), grads)
+    donated = jax.tree.map(jnp.copy, params)
+    state = init(params)
+    actual = _fused_step(dict(learning_rate=1e-2), fused=True)(donated, state, grads)
+    assert all(x.is_deleted() for x in jax.tree.leaves(donated) if x.size)
+    _assert_trees_close(actual, expected)
+
+
+def test_unsupported_leaves_fall_back_to_plain_path():
+    params = {"w": jnp.ones((4, 3), jnp.bfloat16), "b": jnp.ones(3, jnp.float32)}
+    grads_seq = grad_sequence(params, 5)
+    options = dict(learning_rate=1e-2, weight_decay=0.01)
+    expected = _run(_plain_step(options), params, grads_seq)
+    actual = _run(_fused_step(options), params, grads_seq)
+    _assert_trees_close(actual, expected)
+    with pytest.raises(RuntimeError, match="float32"):
+        _fused.apply(grads_seq[0], init(params), params, fused=True, **options)
+
+
+def test_amsgrad_state_falls_back_to_plain_path():
+    params = nested_params()
+    grads = grad_sequence(params, 1)[0]
+    state = init(params, amsgrad=True)
+    expected = _plain_step(dict(learning_rate=1e-2))(params, state, grads)
+    actual = _fused.apply(grads, state, params, learning_rate=1e-2)
+    _assert_trees_close(actual, expected)
+
+
+def test_unavailable_kernel_falls_back_to_plain_path(monkeypatch):
+    monkeypatch.setattr(_fused, "_kernel_status", lambda: (False, "no compiler (test)"))
+    params = nested_params()
+    grads_seq = grad_sequence(params, 5)
+    options = dict(learning_rate=1e-2, weight_decay=0.01)
+    expected = _run(_plain_step(options), params, grads_seq)
+    step = _fused_step(options)
+    actual = _run(step, params, grads_seq)
+    _assert_trees_close(actual, expected)
+    hlo = step.lower(params, init(params), params).compile().as_text()
+    assert "custom-call" not in hlo
+    with pytest.raises(RuntimeError, match="no compiler"):
+        _fused.apply(grads_seq[0], init(params), params, fused=True, **options)
+
+
+def test_apply_checks_like_update():
+    params = nested_params()
+    state = init(params)
+    with pytest.raises(ValueError, match="adamx.apply: b1 must be in"):
+        _fused.apply(params, state, params, learning_rate=1e-2, b1=1.5)
+    with pytest.raises(ValueError, match="adamx.apply: grads and state differ"):
+        _fused.apply({"other": params["scale"]}, state, params, learning_rate=1e-2)
+    with pytest.raises(TypeError, match="AdamState"):
+        _fused.apply(params, (state,), params, learning_rate=1e-2)
