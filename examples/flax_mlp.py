@@ -25,7 +25,7 @@ import numpy as np
 import optax
 from flax.training import train_state
 
-import optax as adamx  # stand-in until the core lands
+import adamx
 from _common import (DEFAULT_LEARNING_RATES, OneLineParser, epoch_line, is_terminal, load_task,
                      positive_float, positive_int)
 

@@ -16,7 +16,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-import optax as adamx  # stand-in until the core lands
+import adamx
 from _common import OneLineParser, epoch_line, load_task, positive_float, positive_int
 
 
