@@ -206,7 +206,8 @@ def quantize(x, *, block_size=256, signed=True):
         raise TypeError(f"adamx.quantize: x must be a real float array, got dtype {x.dtype}")
     blocks = _blocks(x.astype(jnp.float32).reshape(-1), block_size)
     absmax = jnp.max(jnp.abs(blocks), axis=1)
-    finite = jnp.isfinite(absmax)
+    # tested per element: a max reduction may drop NaN on some backends (XLA CPU does)
+    finite = jnp.all(jnp.isfinite(blocks), axis=1)
     live = finite & (absmax >= _TINY)
     scaled = blocks / jnp.where(live, absmax, 1.0)[:, None]
     codes = _encode(scaled, signed)

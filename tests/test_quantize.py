@@ -5,12 +5,19 @@ a run of zero bits for the decade, an indicator bit, linear fraction bits), and 
 nearest-value encoder over it; neither shares code with ``adamx._quantize``.
 """
 
+import os
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
+import adamx
 from adamx import _quantize
+from tests.reference import ReferenceAdam
 
 BLOCK = 256
 
@@ -189,3 +196,251 @@ def test_int8_moments_rejects_bad_block_sizes():
         _quantize.int8_moments(block_size=0)
     with pytest.raises(ValueError, match="min_size must be a non-negative integer"):
         _quantize.int8_moments(min_size=-1)
+
+
+# ---- the quantized state in training --------------------------------------------------------
+
+LR = 1e-2
+VARIANTS = {
+    "adam": (adamx.adam, {}, {}),
+    "adamw": (adamx.adamw, {"weight_decay": 0.1}, {"weight_decay": 0.1}),
+    "amsgrad": (adamx.amsgrad, {}, {"amsgrad": "raw"}),
+    "nadam": (adamx.nadam, {}, {"nesterov": True}),
+    "eps_hat": (adamx.adam, {"eps_hat": True}, {"eps_hat": True}),
+}
+
+
+class QuantizedReference(ReferenceAdam):
+    """The float64 oracle, with each big leaf's moments passed through the NumPy code after a step.
+
+    This is the 8-bit scheme: a step decodes the stored moments, updates them and computes its
+    update in full precision, then stores them encoded.
+    """
+
+    def __init__(self, params, **options):
+        super().__init__([(np.shape(p), False) for p in params], lr=LR, **options)
+        self.big = [np.size(p) >= 4096 for p in params]
+
+    def step(self, grads, params):
+        out = super().step(grads, params)
+        for i in np.flatnonzero(self.big):
+            self.m[i] = reference_roundtrip(self.m[i], True)
+            self.v[i] = reference_roundtrip(self.v[i], False)
+            self.v_max[i] = reference_roundtrip(self.v_max[i], False)
+        return out
+
+
+def problem(dtype=jnp.float32, steps=12, seed=0):
+    """A quantized leaf (72 x 64, 18 blocks) beside a small float32 one, and gradients."""
+    rng = np.random.default_rng(seed)
+    params = {"w": jnp.asarray(rng.normal(size=(72, 64)), dtype),
+              "b": jnp.asarray(rng.normal(size=(64,)), dtype)}
+    grads = [{k: jnp.asarray(rng.normal(size=v.shape) * 10.0 ** rng.uniform(-3, 0, v.shape), dtype)
+              for k, v in params.items()} for _ in range(steps)]
+    return params, grads
+
+
+def assert_updates_match(got, want, dtype):
+    """Per-step updates agree up to the param dtype's rounding and, rarely, one code apart.
+
+    adamx encodes float32 moments, the oracle float64 ones: an element within float32 rounding
+    of a midpoint between two codes may take the other code, which moves that element's later
+    updates by a fraction of one step; such elements must stay rare.
+    """
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    rtol = max(float(jnp.finfo(dtype).eps), 1e-5)
+    close = np.abs(got - want) <= rtol * np.abs(want) + 1e-4 * LR
+    assert np.mean(close) > 0.998, np.mean(close)
+    np.testing.assert_allclose(got, want, rtol=0, atol=0.5 * LR)
+
+
+def run_int8(tx, params, grads):
+    step = jax.jit(tx.update)
+    state = tx.init(params)
+    history = []
+    for g in grads:
+        updates, state = step(g, state, params)
+        params = optax.apply_updates(params, updates)
+        history.append(updates)
+    return history, state
+
+
+def run_oracle(params, grads, **options):
+    opt = QuantizedReference(list(params.values()), **options)
+    history = []
+    for g in grads:
+        updates = opt.step([np.asarray(g[k], np.float64) for k in params],
+                           [np.asarray(x, np.float64) for x in params.values()])
+        params = {k: np.asarray(v, np.float64) + u for (k, v), u in zip(params.items(), updates)}
+        history.append(dict(zip(params, updates)))
+    return history
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_int8_variants_match_the_oracle_with_quantized_moments(variant):
+    factory, kwargs, options = VARIANTS[variant]
+    params, grads = problem()
+    tx = factory(LR, mu_dtype="int8", nu_dtype="int8", **kwargs)
+    got, state = run_int8(tx, params, grads)
+    assert isinstance(state.mu["w"], _quantize.Quantized) and state.mu["b"].dtype == jnp.float32
+    want = run_oracle(params, grads, **options)
+    for g, w in zip(got, want):
+        for k in params:
+            assert_updates_match(g[k], w[k], jnp.float32)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16])
+def test_int8_moments_with_low_precision_params_match_the_oracle(dtype):
+    params, grads = problem(dtype)
+    got, state = run_int8(adamx.adam(LR, mu_dtype="int8", nu_dtype="int8"), params, grads)
+    assert all(u["w"].dtype == dtype for u in got)
+    # the moments are kept in float32 or 8 bits whatever the param dtype
+    assert state.mu["w"].absmax.dtype == jnp.float32 and state.nu["b"].dtype == jnp.float32
+    for g, w in zip(got, run_oracle(params, grads)):
+        for k in params:
+            assert_updates_match(g[k], w[k], dtype)
+
+
+def test_int8_float64_params_in_an_x64_process():
+    code = (
+        "import jax, jax.numpy as jnp, numpy as np, adamx\n"
+        "from adamx import _quantize\n"
+        "from tests.test_quantize import problem, run_int8, run_oracle, assert_updates_match\n"
+        "params, grads = problem(jnp.float64)\n"
+        "got, state = run_int8(adamx.adam(1e-2, mu_dtype='int8', nu_dtype='int8'), params, grads)\n"
+        "assert isinstance(state.nu['w'], _quantize.Quantized)\n"
+        "assert got[0]['w'].dtype == jnp.float64 and state.mu['b'].dtype == jnp.float32\n"
+        "for g, w in zip(got, run_oracle(params, grads)):\n"
+        "    for k in params: assert_updates_match(g[k], w[k], jnp.float32)\n"
+    )
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, JAX_ENABLE_X64="1", JAX_PLATFORMS="cpu")
+    result = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_int8_state_carries_through_scan_and_matches_the_oracle():
+    params, grads = problem()
+    tx = adamx.adam(LR, mu_dtype="int8", nu_dtype="int8")
+    stacked = jax.tree.map(lambda *g: jnp.stack(g), *grads)
+
+    def body(carry, g):
+        params, state = carry
+        updates, state = tx.update(g, state, params)
+        return (optax.apply_updates(params, updates), state), updates
+
+    (_, state), updates = jax.jit(lambda p: jax.lax.scan(body, (p, tx.init(p)), stacked))(params)
+    assert jax.tree.structure(state) == jax.tree.structure(tx.init(params))
+    for i, w in enumerate(run_oracle(params, grads)):
+        for k in params:
+            assert_updates_match(updates[k][i], w[k], jnp.float32)
+
+
+def test_int8_state_carries_through_cond_unchanged_when_skipped():
+    params, grads = problem(steps=2)
+    tx = adamx.adam(LR, mu_dtype="int8", nu_dtype="int8")
+    state = jax.jit(tx.update)(grads[0], tx.init(params))[1]
+
+    @jax.jit
+    def maybe_step(take, state, g):
+        return jax.lax.cond(take, lambda s: tx.update(g, s)[1], lambda s: s, state)
+
+    skipped = maybe_step(False, state, grads[1])
+    for a, b in zip(jax.tree.leaves(skipped), jax.tree.leaves(state)):
+        np.testing.assert_array_equal(a, b)
+    taken = maybe_step(True, state, grads[1])
+    want = QuantizedReference(list(params.values()))
+    for g in grads:
+        want.step([np.asarray(g[k], np.float64) for k in params],
+                  [np.asarray(x, np.float64) for x in params.values()])
+    np.testing.assert_allclose(_quantize.dequantize(taken.mu["w"]), want.m[0], rtol=0,
+                               atol=0.02 * np.max(np.abs(want.m[0])))
+
+
+def test_int8_state_works_under_multisteps_as_adam_on_mean_gradients():
+    params, grads = problem(steps=8)
+    tx = optax.MultiSteps(adamx.adam(LR, mu_dtype="int8", nu_dtype="int8"), every_k_schedule=2)
+    got, _ = run_int8(tx, params, grads)
+    means = [jax.tree.map(lambda a, b: (a + b) / 2, grads[i], grads[i + 1])
+             for i in range(0, len(grads), 2)]
+    for g, w in zip(got[1::2], run_oracle(params, means)):
+        for k in params:
+            assert_updates_match(g[k], w[k], jnp.float32)
+    assert all(np.all(np.asarray(u["w"]) == 0) for u in got[0::2])  # accumulating steps
+
+
+def test_int8_state_roundtrips_through_orbax_and_trains_on_identically(tmp_path):
+    ocp = pytest.importorskip("orbax.checkpoint", reason="orbax-checkpoint is an optional extra")
+    params, grads = problem(steps=6)
+    tx = adamx.adamw(LR, mu_dtype="int8", nu_dtype="int8")
+    step = jax.jit(tx.update)
+    state = tx.init(params)
+    for g in grads[:3]:
+        state = step(g, state, params)[1]
+    with ocp.StandardCheckpointer() as checkpointer:
+        checkpointer.save(tmp_path / "state", state)
+        checkpointer.wait_until_finished()
+        restored = checkpointer.restore(tmp_path / "state", jax.eval_shape(lambda: state))
+    assert jax.tree.structure(restored) == jax.tree.structure(state)
+    assert isinstance(restored.mu["w"], _quantize.Quantized)
+    for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(state)):
+        assert a.dtype == b.dtype
+        np.testing.assert_array_equal(a, b)
+    for g in grads[3:]:
+        u_a, state = step(g, state, params)
+        u_b, restored = step(g, restored, params)
+        np.testing.assert_array_equal(u_a["w"], u_b["w"])
+    for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(state)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_apply_if_finite_skips_a_nan_step_and_keeps_the_int8_state():
+    params, grads = problem(steps=2)
+    tx = optax.apply_if_finite(adamx.adam(LR, mu_dtype="int8", nu_dtype="int8"), 3)
+    step = jax.jit(tx.update)
+    state = step(grads[0], tx.init(params))[1]
+    bad = {"w": grads[1]["w"].at[5, 5].set(jnp.nan), "b": grads[1]["b"]}
+    updates, after = step(bad, state)
+    assert np.all(np.asarray(updates["w"]) == 0)
+    for a, b in zip(jax.tree.leaves(after.inner_state), jax.tree.leaves(state.inner_state)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_without_apply_if_finite_a_nan_gradient_stays_in_its_block():
+    params, grads = problem(steps=1)
+    tx = adamx.adam(LR, mu_dtype="int8", nu_dtype="int8")
+    clean = {"w": grads[0]["w"].at[5, 5].set(0.0), "b": grads[0]["b"]}
+    bad = {"w": grads[0]["w"].at[5, 5].set(jnp.nan), "b": grads[0]["b"]}
+    step = jax.jit(tx.update)
+    _, clean_state = step(clean, tx.init(params))
+    _, bad_state = step(bad, tx.init(params))
+    block = (5 * 64 + 5) // BLOCK  # the element's row-major block
+    for moment in ("mu", "nu"):
+        got = np.asarray(_quantize.dequantize(getattr(bad_state, moment)["w"])).reshape(-1)
+        want = np.asarray(_quantize.dequantize(getattr(clean_state, moment)["w"])).reshape(-1)
+        inside = np.zeros(got.size, bool)
+        inside[block * BLOCK:(block + 1) * BLOCK] = True
+        assert np.all(np.isnan(got[inside]))
+        np.testing.assert_array_equal(got[~inside], want[~inside])
+        np.testing.assert_array_equal(getattr(bad_state, moment)["b"], getattr(clean_state, moment)["b"])
+
+
+def test_unknown_moment_dtypes_are_rejected_with_the_accepted_ones():
+    with pytest.raises(ValueError, match='mu_dtype must be one of None, a float dtype, or "int8", '
+                                         'got "int4"'):
+        adamx.adam(1e-3, mu_dtype="int4")
+    with pytest.raises(ValueError, match="nu_dtype must be one of"):
+        adamx.init({"w": jnp.ones(3)}, nu_dtype=jnp.int32)
+
+
+def test_int8_first_moment_of_complex_params_is_rejected_clearly():
+    with pytest.raises(TypeError, match="int8 first moment needs real params"):
+        adamx.init({"z": jnp.ones(5000, jnp.complex64)}, mu_dtype="int8")
+
+
+def test_block_size_and_min_size_come_from_int8_moments():
+    spec = _quantize.int8_moments(block_size=128, min_size=100)
+    state = adamx.init({"w": jnp.ones((10, 30)), "s": jnp.ones(99)}, mu_dtype=spec, nu_dtype="int8")
+    assert state.mu["w"].block_size == 128 and state.mu["w"].absmax.shape == (3,)
+    assert state.mu["s"].dtype == jnp.float32 and state.nu["w"].dtype == jnp.float32
