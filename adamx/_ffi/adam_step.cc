@@ -1,8 +1,9 @@
 // One Adam step over every float32 leaf of a pytree in a single XLA:CPU custom call.
 //
 // Operands: a float32 vector of step scalars (see kScale..kNesterovG below), then for each leaf
-// its param, grad, first moment and second moment. Results: for each leaf its new param, first
-// moment and second moment, aliased by the caller to the operands so the update runs in place.
+// its param, grad, first moment and second moment. Results: for each leaf its new param (or,
+// with kUpdate, its update), first moment and second moment; the caller aliases them to the
+// operands so the step runs in place.
 // The arithmetic is the per-element sequence of adamx/_update.py, operation for operation in
 // float32, with division by a bias correction done as multiplication by its reciprocal (as
 // XLA's algebraic simplifier rewrites the plain path). Results agree with the plain path to a
@@ -26,7 +27,9 @@ enum Scalar {
   kScale, kB1, kOmb1, kB2, kOmb2, kEps, kEpsRoot, kWeightDecay, kInvBc1, kInvBc2, kStepScale,
   kNesterovM, kNesterovG, kNumScalars
 };
-enum Flag { kMaximize = 1, kEpsHat = 2, kNesterov = 4 };
+// kUpdate: write the update (-lr times the direction) instead of the new param, for the Optax
+// protocol, where optax.apply_updates adds it; the param operand is then read only for decay.
+enum Flag { kMaximize = 1, kEpsHat = 2, kNesterov = 4, kUpdate = 8 };
 
 using ScalarBuffer = ffi::Buffer<ffi::F32, 1>;
 
@@ -53,7 +56,7 @@ struct Work {
   std::atomic<int64_t> done{0};
 };
 
-template <bool kMax, bool kHat, bool kNes, bool kDecay>
+template <bool kUpd, bool kMax, bool kHat, bool kNes, bool kDecay>
 void Kernel(const Leaf& l, int64_t lo, int64_t hi, const float* s) {
   const float scale = s[kScale], b1 = s[kB1], omb1 = s[kOmb1], b2 = s[kB2], omb2 = s[kOmb2];
   const float eps = s[kEps], eps_root = s[kEpsRoot], wd = s[kWeightDecay];
@@ -65,7 +68,7 @@ void Kernel(const Leaf& l, int64_t lo, int64_t hi, const float* s) {
 #pragma GCC ivdep
   for (int64_t i = lo; i < hi; ++i) {
     const float g = kMax ? -g_in[i] : g_in[i];
-    const float p = p_in[i];
+    const float p = (kDecay || !kUpd) ? p_in[i] : 0.0f;
     const float m = omb1 * g + b1 * m_in[i];
     const float v = omb2 * (g * g) + b2 * v_in[i];
     const float m_hat = kNes ? nes_m * m + nes_g * g : m * inv_bc1;
@@ -78,30 +81,36 @@ void Kernel(const Leaf& l, int64_t lo, int64_t hi, const float* s) {
     if (kDecay) direction = direction + wd * p;
     m_out[i] = m;
     v_out[i] = v;
-    p_out[i] = p + scale * direction;
+    p_out[i] = kUpd ? scale * direction : p + scale * direction;
   }
 }
 
 using KernelFn = void (*)(const Leaf&, int64_t, int64_t, const float*);
 
-template <bool kMax, bool kHat, bool kNes>
-KernelFn Pick3(bool decay) {
-  return decay ? Kernel<kMax, kHat, kNes, true> : Kernel<kMax, kHat, kNes, false>;
+template <bool kUpd, bool kMax, bool kHat, bool kNes>
+KernelFn Pick4(bool decay) {
+  return decay ? Kernel<kUpd, kMax, kHat, kNes, true> : Kernel<kUpd, kMax, kHat, kNes, false>;
 }
 
-template <bool kMax, bool kHat>
-KernelFn Pick2(bool nes, bool decay) {
-  return nes ? Pick3<kMax, kHat, true>(decay) : Pick3<kMax, kHat, false>(decay);
+template <bool kUpd, bool kMax, bool kHat>
+KernelFn Pick3(int64_t flags, bool decay) {
+  return (flags & kNesterov) ? Pick4<kUpd, kMax, kHat, true>(decay)
+                             : Pick4<kUpd, kMax, kHat, false>(decay);
 }
 
-template <bool kMax>
-KernelFn Pick1(bool hat, bool nes, bool decay) {
-  return hat ? Pick2<kMax, true>(nes, decay) : Pick2<kMax, false>(nes, decay);
+template <bool kUpd, bool kMax>
+KernelFn Pick2(int64_t flags, bool decay) {
+  return (flags & kEpsHat) ? Pick3<kUpd, kMax, true>(flags, decay)
+                           : Pick3<kUpd, kMax, false>(flags, decay);
+}
+
+template <bool kUpd>
+KernelFn Pick1(int64_t flags, bool decay) {
+  return (flags & kMaximize) ? Pick2<kUpd, true>(flags, decay) : Pick2<kUpd, false>(flags, decay);
 }
 
 KernelFn Pick(int64_t flags, bool decay) {
-  const bool hat = flags & kEpsHat, nes = flags & kNesterov;
-  return (flags & kMaximize) ? Pick1<true>(hat, nes, decay) : Pick1<false>(hat, nes, decay);
+  return (flags & kUpdate) ? Pick1<true>(flags, decay) : Pick1<false>(flags, decay);
 }
 
 // Runs global elements [lo, hi), which may span several leaves.
