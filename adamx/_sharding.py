@@ -1,0 +1,115 @@
+"""Shardings for optimizer state: ZeRO-1 partitioning of the moments over a data axis.
+
+adamx never places or moves arrays. `init` builds the moments with `zeros_like`-style ops, so
+under `jax.jit` (or eagerly on sharded arrays) they take the params' shardings, and `update` is
+elementwise, so it keeps them. The helper here only *returns* shardings; the caller passes them
+to `jax.jit(..., out_shardings=...)` or `jax.device_put`, and XLA inserts the communication.
+"""
+
+import math
+from typing import Any
+
+import jax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from adamx._quantize import Quantized
+
+__all__ = ["zero1_shardings"]
+
+
+def _base_spec(leaf: Any, mesh: Mesh) -> list:
+    """The leaf's own partition spec on `mesh` (padded to its rank), or all-replicated."""
+    spec = [None] * len(leaf.shape)
+    sharding = getattr(leaf, "sharding", None)
+    # A sharding on another mesh (or a single-device one) says nothing about this mesh.
+    if isinstance(sharding, NamedSharding) and dict(sharding.mesh.shape) == dict(mesh.shape):
+        spec[: len(sharding.spec)] = list(sharding.spec)
+    return spec
+
+
+def _uses_axis(entry: Any, axis: str) -> bool:
+    return entry == axis or (isinstance(entry, tuple) and axis in entry)
+
+
+def _zero1_spec(leaf: Any, mesh: Mesh, axis: str) -> PartitionSpec:
+    """Put `axis` on the largest free dimension of `leaf` that `mesh.shape[axis]` divides."""
+    spec = _base_spec(leaf, mesh)
+    if any(_uses_axis(entry, axis) for entry in spec):
+        return PartitionSpec(*spec)
+    size = mesh.shape[axis]
+    free = [d for d, entry in enumerate(spec) if entry is None and leaf.shape[d] % size == 0]
+    if free:
+        # max() keeps the first of equal sizes, so ties go to the leading dimension.
+        spec[max(free, key=lambda d: leaf.shape[d])] = axis
+    return PartitionSpec(*spec)
+
+
+def _quantized_shardings(moment: Quantized, mesh: Mesh, axis: str) -> Quantized:
+    """Split codes on their leading dimension and absmax with them, or keep both as they are."""
+    codes, absmax = _base_spec(moment.codes, mesh), _base_spec(moment.absmax, mesh)
+    shape, n = moment.codes.shape, mesh.shape[axis]
+    # Each device's codes must be whole blocks, so decoding needs none of its neighbours' data.
+    if not any(codes) and not any(absmax) and shape and shape[0] % n == 0 and \
+            (math.prod(shape) // n) % moment.block_size == 0 and moment.absmax.shape[0] % n == 0:
+        codes[0], absmax[0] = axis, axis
+    return moment.replace(codes=NamedSharding(mesh, PartitionSpec(*codes)),
+                          absmax=NamedSharding(mesh, PartitionSpec(*absmax)))
+
+
+def _leaf_shardings(leaf: Any, mesh: Mesh, axis: str) -> Any:
+    if isinstance(leaf, Quantized):
+        return _quantized_shardings(leaf, mesh, axis)
+    return NamedSharding(mesh, _zero1_spec(leaf, mesh, axis))
+
+
+def zero1_shardings(state: Any, mesh: Mesh, axis: str = "data") -> Any:
+    """Shardings that split an optimizer state over one mesh axis (ZeRO stage 1).
+
+    Each device then holds about 1/N of the moments, N = ``mesh.shape[axis]``, while the params
+    (whose shardings the caller keeps) stay replicated over ``axis``. The rule, applied to every
+    array of ``state`` (so to ``count`` and to each moment array):
+
+    1. Start from the array's own partition spec when it carries a ``NamedSharding`` on a mesh of
+       the same axes and sizes (a model-sharded moment keeps its ``"model"`` split); otherwise
+       start from fully replicated.
+    2. If the spec already uses ``axis``, keep it as is.
+    3. Otherwise put ``axis`` on the largest dimension that is not sharded yet and whose size is
+       divisible by N; among equal sizes, the leading one.
+    4. An array with no such dimension (scalars such as ``count``, shapes N does not divide)
+       stays replicated over ``axis``: it is kept whole on every device.
+
+    An 8-bit moment (a :class:`Quantized` leaf: ``codes`` with the param's shape, a flat
+    ``absmax`` per block) is split as one unit, so decoding it needs no communication: its codes
+    along their leading dimension and its ``absmax`` with them, when neither is sharded yet and
+    both divide into N parts of whole blocks; otherwise both keep the specs they have (whole on
+    every device unless already sharded).
+
+    Args:
+      state: An optimizer state, concrete (``adamx.init(params)``) or abstract
+        (``jax.eval_shape(adamx.init, params)``): any pytree whose leaves have ``.shape``.
+      mesh: The device mesh; it must have an axis named ``axis``.
+      axis: The mesh axis to split the state over, usually the data-parallel one.
+
+    Returns:
+      A pytree of ``NamedSharding`` with the structure of ``state``, for
+      ``jax.jit(init_or_step, out_shardings=...)`` or ``jax.device_put``.
+
+    Raises:
+      ValueError: If ``mesh`` has no axis named ``axis``.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, adamx
+      >>> mesh = jax.make_mesh((1,), ("data",))
+      >>> params = {"w": jnp.zeros((3, 8)), "b": jnp.zeros((3,))}
+      >>> shardings = adamx.zero1_shardings(jax.eval_shape(adamx.init, params), mesh)
+      >>> shardings.mu["w"].spec, shardings.mu["b"].spec, shardings.count.spec
+      (P(None, 'data'), P('data',), P())
+      >>> state = jax.jit(adamx.init, out_shardings=shardings)(params)
+    """
+    if axis not in mesh.axis_names:
+        raise ValueError(
+            f"adamx.zero1_shardings: axis must be one of the mesh axes {mesh.axis_names}, "
+            f"got {axis!r}"
+        )
+    return jax.tree.map(lambda leaf: _leaf_shardings(leaf, mesh, axis), state,
+                        is_leaf=lambda x: isinstance(x, Quantized))
