@@ -18,6 +18,7 @@ jax.config.update("jax_enable_x64", True)
 import numpy as np  # noqa: E402
 
 from ._cases import FLOAT64, KERAS, KERAS_PREPARE, OPTAX, TORCH  # noqa: E402
+from ._keras_example import compare, data, keras_run  # noqa: E402
 from ._peers import (  # noqa: E402
     FixedGradients,
     gradient_sequence,
@@ -30,7 +31,11 @@ from ._peers import (  # noqa: E402
 
 
 def main():
-    """Print {"peer/case": max relative error or null} for the cases listed in FLOAT64."""
+    """Print {"peer/case": max relative error or null} for the cases listed in FLOAT64.
+
+    Also the Keras example in float64, under "keras_example": adamx's and plain optax's
+    distances from Keras (see ``_keras_example.compare``).
+    """
     params0 = initial_params(0, np.float64)
     source = FixedGradients(gradient_sequence(0, np.float64))
     results = {}
@@ -54,6 +59,18 @@ def main():
                 results[f"{peer}/{name}"] = max_relative_error(actual, expected)
             else:
                 results[f"{peer}/{name}"] = f"dtypes {sorted(dtypes)}"
+    if importlib.util.find_spec("keras") is None:
+        results["keras_example"] = None
+    else:
+        import keras
+
+        # The example's Keras layers, optimizer variables and loss tracker follow floatx.
+        keras.config.set_floatx("float64")
+        x, y = data(np.float64)
+        initial, keras_losses, keras_weights = keras_run(x, y)
+        dtypes = {str(w.dtype) for w in (*initial, *keras_weights)} | {str(keras_losses.dtype)}
+        assert dtypes == {"float64"}, dtypes
+        results["keras_example"] = compare(initial, keras_losses, keras_weights, x, y)
     print(json.dumps(results))
 
 
