@@ -12,7 +12,12 @@ import os
 import subprocess
 import sys
 
+import jax
+import jax.numpy as jnp
 import pytest
+from jax.sharding import AbstractMesh, NamedSharding, PartitionSpec as P
+
+import adamx
 
 WORKER = os.path.join(os.path.dirname(__file__), "_workers", "sharding_checks.py")
 COLLECTIVES = ("all-gather", "all-to-all", "collective-permute", "all-reduce", "reduce-scatter")
@@ -140,3 +145,67 @@ def test_zero1_int8_state_after_ten_steps_equals_single_device_run(findings):
         pytest.skip(f"int8 moments are not available: {found['reason']}")
     assert found["vs_one_device"] <= INT8_TOLERANCE, found
     assert found["specs"][".mu['dense_0']['kernel'].codes"] == "P('data', None)"
+
+
+# The split rule itself, on an abstract 8 x 2 mesh: no devices needed, so these run in-process.
+
+
+def abstract_mesh():
+    return AbstractMesh((8, 2), ("data", "model"))
+
+
+def zero1_specs(tree, mesh):
+    shardings = adamx.zero1_shardings(tree, mesh)
+    return {jax.tree_util.keystr(k): tuple(s.spec)
+            for k, s in jax.tree_util.tree_flatten_with_path(shardings)[0]}
+
+
+def test_zero1_rule_takes_largest_divisible_dimension_and_leading_on_ties():
+    tree = {"wide": jax.ShapeDtypeStruct((24, 64), jnp.float32),
+            "tall": jax.ShapeDtypeStruct((64, 24, 3), jnp.float32),
+            "square": jax.ShapeDtypeStruct((16, 16), jnp.float32),
+            "odd_first": jax.ShapeDtypeStruct((7, 40), jnp.float32)}
+    assert zero1_specs(tree, abstract_mesh()) == {
+        "['wide']": (None, "data"), "['tall']": ("data", None, None),
+        "['square']": ("data", None), "['odd_first']": (None, "data")}
+
+
+def test_zero1_rule_replicates_scalars_and_leaves_that_do_not_divide():
+    tree = {"count": jax.ShapeDtypeStruct((), jnp.int32),
+            "odd": jax.ShapeDtypeStruct((3, 5), jnp.float32),
+            "bias": jax.ShapeDtypeStruct((10,), jnp.float32)}
+    assert zero1_specs(tree, abstract_mesh()) == {
+        "['count']": (), "['odd']": (None, None), "['bias']": (None,)}
+
+
+def test_zero1_rule_keeps_a_model_split_and_adds_data_on_a_free_dimension():
+    mesh = abstract_mesh()
+
+    def leaf(shape, *spec):
+        return jax.ShapeDtypeStruct(shape, jnp.float32, sharding=NamedSharding(mesh, P(*spec)))
+
+    tree = {"model_only": leaf((8, 64), None, "model"),
+            "both": leaf((16, 32), "data", "model"),
+            "no_free_dim": leaf((32,), "model")}
+    assert zero1_specs(tree, mesh) == {
+        "['model_only']": ("data", "model"), "['both']": ("data", "model"),
+        "['no_free_dim']": ("model",)}
+
+
+def test_zero1_rule_splits_int8_moments_as_whole_blocks_or_not_at_all():
+    params = {"aligned": jax.ShapeDtypeStruct((64, 128), jnp.float32),  # 32 blocks of 256
+              "short_rows": jax.ShapeDtypeStruct((8, 1100), jnp.float32)}  # 1100 per device
+    try:
+        state = jax.eval_shape(lambda p: adamx.init(p, mu_dtype="int8"), params)
+    except ValueError as error:
+        pytest.skip(f"int8 moments are not available: {error}")
+    specs = zero1_specs(state.mu, abstract_mesh())
+    assert specs["['aligned'].codes"] == ("data", None) and specs["['aligned'].absmax"] == ("data",)
+    assert specs["['short_rows'].codes"] == (None, None)
+    assert specs["['short_rows'].absmax"] == (None,)
+
+
+def test_zero1_rejects_an_axis_the_mesh_lacks():
+    with pytest.raises(ValueError, match="axis must be one of the mesh axes"):
+        adamx.zero1_shardings({"w": jax.ShapeDtypeStruct((8,), jnp.float32)}, abstract_mesh(),
+                              axis="batch")
