@@ -1,16 +1,23 @@
-"""A whole Adam step in one call: new params and state, with one CPU kernel over every leaf.
+"""One CPU kernel over every leaf of an Adam step, and :func:`apply`, the whole step in one call.
 
-:func:`apply` computes what ``adamx.update`` followed by ``optax.apply_updates`` computes. On
-XLA:CPU, when every leaf is float32 and the options are supported, the whole step is a single
-custom call (``adamx/_ffi/adam_step.cc``) that reads params, grads and both moments once and
-writes params and moments in place: 28 bytes per parameter, one dispatch for the whole tree, and
-the intra-op thread pool splitting the work. Everywhere else (GPU, TPU, other dtypes, AMSGrad,
-Adamax, no C++ compiler) it runs the plain JAX path, which is also the tests' oracle.
+XLA:CPU makes one loop fusion (one dispatch) per output array, so an Adam step costs three per
+leaf: 40 bytes per parameter, and thousands of dispatches for a model with many leaves. The kernel
+(``adamx/_ffi/adam_step.cc``, an XLA FFI custom call) does the same math in one multithreaded pass
+over all float32 leaves, with the moments updated in place. It has two users:
+
+- :func:`apply` returns new params and state (params updated in place too): 28 bytes/param.
+- the Optax protocol (``adamx.update`` and the factories): the kernel writes the updates, which
+  ``optax.apply_updates`` adds (one fusion per leaf): 36 bytes/param.
+
+The kernel runs when the process's default backend is CPU and the leaves are float32 arrays
+without AMSGrad or Adamax; every other case (GPU, TPU, other dtypes, no C++ compiler) runs the
+plain JAX path of ``adamx/_update.py``, which is the tests' oracle. Results agree with it to
+float32 rounding (an ulp here and there, from where each compiler forms FMAs).
 
 The kernel is compiled with the machine's ``g++`` (or ``$CXX``) on first use into a cache
 directory (``$ADAMX_CACHE_DIR``, else ``$XDG_CACHE_HOME/adamx``, else ``~/.cache/adamx``),
-keyed by a hash of its source, the compiler flags and the jaxlib version. Nothing is compiled at
-install or import time.
+keyed by a hash of its source, the compiler flags and the FFI headers. Nothing is compiled at
+install or import time; ``ADAMX_DISABLE_KERNEL=1`` keeps everything on the plain JAX path.
 """
 
 import ctypes
@@ -34,10 +41,10 @@ from adamx._update import (
     Rule,
     _decay_flags,
     _scalars,
+    apply_rule,
     check_hyperparams,
     check_rule,
     resolve_learning_rate,
-    update,
 )
 
 _SOURCE = Path(__file__).parent / "_ffi" / "adam_step.cc"
@@ -48,7 +55,7 @@ _FLAGS = ("-O3", "-march=native", "-ffp-contract=fast", "-fno-math-errno", "-std
 # Order of the kernel's step-scalar vector (enum Scalar in adam_step.cc).
 _SCALAR_ORDER = ("scale", "b1", "omb1", "b2", "omb2", "eps", "eps_root", "weight_decay",
                  "inv_bc1", "inv_bc2", "step_scale", "nesterov_m", "nesterov_g")
-_MAXIMIZE, _EPS_HAT, _NESTEROV = 1, 2, 4
+_MAXIMIZE, _EPS_HAT, _NESTEROV, _UPDATE = 1, 2, 4, 8
 # Elements per work item handed to a thread: large enough to amortize scheduling.
 _CHUNK = 1 << 16
 
@@ -105,11 +112,25 @@ def kernel_available():
       before the first call to keep :func:`apply` on the plain JAX path.
 
     Example:
-      >>> import adamx
-      >>> isinstance(adamx.kernel_available(), bool)
+      >>> from adamx._fused import kernel_available  # exported as adamx.kernel_available
+      >>> isinstance(kernel_available(), bool)
       True
     """
     return _kernel_status()[0]
+
+
+def _kernel_here():
+    """(usable, reason): the kernel is built and this process compiles for CPU.
+
+    A process whose default backend is a GPU or TPU keeps the plain JAX path, where XLA fuses well.
+    """
+    if jax.default_backend() != "cpu":
+        return False, f"the default backend is {jax.default_backend()}, not cpu"
+    return _kernel_status()
+
+
+def _is_f32(x):
+    return isinstance(x, (jax.Array, np.ndarray)) and x.dtype == jnp.float32
 
 
 def _unsupported(g_leaves, mu_leaves, nu_leaves, p_leaves, state, rule):
@@ -119,32 +140,40 @@ def _unsupported(g_leaves, mu_leaves, nu_leaves, p_leaves, state, rule):
     if rule.infinity_norm or rule.max_bias_corrected:
         return "Adamax and max_bias_corrected are not supported"
     for leaves in (g_leaves, mu_leaves, nu_leaves, p_leaves):
-        for x in leaves:
-            if not isinstance(x, (jax.Array, np.ndarray)) or x.dtype != jnp.float32:
-                return "every param, grad and moment must be a float32 array"
+        if not all(_is_f32(x) for x in leaves):
+            return "every param, grad and moment must be a float32 array"
     return None
 
 
-def _kernel_step(g_leaves, mu_leaves, nu_leaves, p_leaves, decay, scalars, rule):
+def _kernel_step(g_leaves, mu_leaves, nu_leaves, p_leaves, decay, scalars, rule,
+                 write_update=False):
     """Runs the custom call (leaves of any shape, row-major); returns flat lists (params, mu, nu).
 
-    Empty leaves have nothing to update and are passed through without entering the call.
+    With ``write_update`` the first list holds the updates instead of new params, and a leaf's
+    param is read only when it is decayed (``p_leaves[k]`` may be None otherwise). Empty leaves
+    have nothing to update and are passed through without entering the call.
     """
-    live = [k for k, p in enumerate(p_leaves) if np.size(p)]
-    new_p, new_mu, new_nu = list(p_leaves), list(mu_leaves), list(nu_leaves)
+    live = [k for k, g in enumerate(g_leaves) if np.size(g)]
+    first = list(g_leaves) if write_update else list(p_leaves)
+    new_p, new_mu, new_nu = first, list(mu_leaves), list(nu_leaves)
     if not live:
         return new_p, new_mu, new_nu
     operands = [scalars]
     for k in live:
-        operands += [p_leaves[k], g_leaves[k], mu_leaves[k], nu_leaves[k]]
-    result_types = [jax.ShapeDtypeStruct(np.shape(p_leaves[k]), jnp.float32)
+        # An undecayed leaf's param is never read by the update kernel; its grad stands in.
+        p = p_leaves[k] if p_leaves[k] is not None else g_leaves[k]
+        operands += [p, g_leaves[k], mu_leaves[k], nu_leaves[k]]
+    result_types = [jax.ShapeDtypeStruct(np.shape(g_leaves[k]), jnp.float32)
                     for k in live for _ in range(3)]
-    # Operand 1 + 4j (param), 3 + 4j (mu), 4 + 4j (nu) are updated in place as results 3j..3j+2.
+    # Operand 3 + 4j (mu) and 4 + 4j (nu), and 1 + 4j (param) unless the update is written, are
+    # updated in place as results 3j + 1, 3j + 2 and 3j; a fresh buffer holds an update.
     aliases = {}
     for j in range(len(live)):
-        aliases.update({1 + 4 * j: 3 * j, 3 + 4 * j: 3 * j + 1, 4 + 4 * j: 3 * j + 2})
+        aliases.update({3 + 4 * j: 3 * j + 1, 4 + 4 * j: 3 * j + 2})
+        if not write_update:
+            aliases[1 + 4 * j] = 3 * j
     flags = ((_MAXIMIZE if rule.maximize else 0) | (_EPS_HAT if rule.eps_hat else 0)
-             | (_NESTEROV if rule.nesterov else 0))
+             | (_NESTEROV if rule.nesterov else 0) | (_UPDATE if write_update else 0))
     call = jax.ffi.ffi_call(_TARGET, result_types, input_output_aliases=aliases,
                             vmap_method="sequential")
     out = call(*operands, flags=np.int64(flags), decay=np.asarray([decay[k] for k in live], np.int32),
@@ -154,11 +183,12 @@ def _kernel_step(g_leaves, mu_leaves, nu_leaves, p_leaves, decay, scalars, rule)
     return new_p, new_mu, new_nu
 
 
-def _step_scalars(count, lr, *, b1, b2, eps, eps_root, weight_decay, rule):
+def _step_scalars(count, scale, *, b1, b2, eps, eps_root, weight_decay, rule):
     """The kernel's float32 scalar vector, computed exactly as the plain path computes them."""
     s = _scalars(jnp.float32, count, b1=b1, b2=b2, eps=eps, eps_root=eps_root,
                  weight_decay=weight_decay, rule=rule)
-    s["scale"] = jnp.asarray(-lr, jnp.float32)
+    # scale None (scale_by_adam) returns the direction itself: times 1 is exact.
+    s["scale"] = jnp.asarray(1.0 if scale is None else scale, jnp.float32)
     one = jnp.ones([], jnp.float32)
     # XLA:CPU turns the plain path's division by a scalar into this multiplication.
     s["inv_bc1"] = one / s["bc1"]
@@ -169,6 +199,34 @@ def _step_scalars(count, lr, *, b1, b2, eps, eps_root, weight_decay, rule):
         s["nesterov_m"] = s["b1"] / s["bc1_next"]
         s["nesterov_g"] = s["omb1"] / s["bc1"]
     return jnp.stack([jnp.asarray(s.get(k, one), jnp.float32) for k in _SCALAR_ORDER])
+
+
+def kernel_updates(g_leaves, mu_leaves, nu_leaves, max_leaves, p_leaves, decay, count, *,
+                   scale, b1, b2, eps, eps_root, weight_decay, rule):
+    """The Optax-protocol step's kernel part: updates and moments of the leaves it can handle.
+
+    Called by :func:`adamx._update.apply_rule` with its flat leaf lists. On XLA:CPU, every leaf
+    whose grad and moments (and param, if decayed) are float32 arrays, without AMSGrad, goes into
+    one custom call that reads g, m, v once and writes m, v (in place) and the update; the rest
+    stays on the plain JAX path.
+
+    Returns:
+      ``{leaf index: (update, mu, nu, None)}``; empty when the kernel does not apply here.
+    """
+    if rule.infinity_norm or rule.max_bias_corrected or not _kernel_here()[0]:
+        return {}
+    picked = [k for k, (g, m, v, vm, p, d) in enumerate(
+        zip(g_leaves, mu_leaves, nu_leaves, max_leaves, p_leaves, decay))
+        if vm is None and _is_f32(g) and _is_f32(m) and _is_f32(v) and (not d or _is_f32(p))]
+    if not picked:
+        return {}
+    scalars = _step_scalars(count, scale, b1=b1, b2=b2, eps=eps, eps_root=eps_root,
+                            weight_decay=weight_decay, rule=rule)
+    out = _kernel_step([g_leaves[k] for k in picked], [mu_leaves[k] for k in picked],
+                       [nu_leaves[k] for k in picked],
+                       [p_leaves[k] if decay[k] else None for k in picked],
+                       [decay[k] for k in picked], scalars, rule, write_update=True)
+    return {k: (u, m, v, None) for k, u, m, v in zip(picked, *out)}
 
 
 def apply(
@@ -192,10 +250,11 @@ def apply(
 
     Computes ``optax.apply_updates(params, u)`` with ``u, new_state = adamx.update(grads, state,
     params, ...)``, with the same arguments and checks (see :func:`adamx.update` for the
-    equations). On XLA:CPU with float32 leaves it runs one multithreaded kernel over all leaves,
-    in place when the caller's ``jax.jit`` donates ``params`` and ``state``
-    (``donate_argnums``); results match the plain path to float32 rounding. Elsewhere it runs
-    the plain JAX path (the default on GPU and TPU).
+    equations). On CPU with float32 leaves it runs one multithreaded kernel over all leaves, in
+    place when the caller's ``jax.jit`` donates ``params`` and ``state`` (``donate_argnums``;
+    without donation XLA copies them first, so inputs are never clobbered); results match the
+    plain path to float32 rounding. Elsewhere it runs the plain JAX path (the default on GPU
+    and TPU).
 
     Args:
       grads: Gradients, with the structure and shapes of ``params``.
@@ -219,9 +278,10 @@ def apply(
 
     Example:
       >>> import jax, jax.numpy as jnp, adamx
+      >>> from adamx._fused import apply  # exported as adamx.apply
       >>> params = {"w": jnp.array([1.0, -2.0])}
       >>> state = adamx.init(params)
-      >>> step = jax.jit(lambda p, s, g: adamx.apply(g, s, p, learning_rate=0.1),
+      >>> step = jax.jit(lambda p, s, g: apply(g, s, p, learning_rate=0.1),
       ...                donate_argnums=(0, 1))
       >>> params, state = step(params, state, {"w": jnp.array([0.5, -0.5])})
       >>> params["w"]
@@ -239,37 +299,30 @@ def apply(
     lr = resolve_learning_rate(learning_rate, state.count)
     hyper = dict(b1=b1, b2=b2, eps=eps, eps_root=eps_root, weight_decay=weight_decay)
 
-    def plain(grads, state, params):
-        updates, new_state = update(grads, state, params, learning_rate=lr, mask=mask,
-                                    eps_hat=eps_hat, maximize=maximize, nesterov=nesterov,
-                                    **hyper)
+    def plain():
+        updates, new_state = apply_rule(
+            fn, grads, state, params, scale=-lr, mask=mask, rule=rule, kernel=fused is not False,
+            **hyper)
         return optax.apply_updates(params, updates), new_state
 
     if fused is False:
-        return plain(grads, state, params)
+        return plain()
     g_leaves, mu_leaves, treedef = check_same_structure(
         fn, grads, state.mu, is_leaf=_storage.is_moment_leaf)
     nu_leaves = jax.tree.leaves(state.nu, is_leaf=_storage.is_moment_leaf)
     p_leaves = treedef.flatten_up_to(params)
-    available, why = _kernel_status()
+    available, why = _kernel_here()
     if available:
         why = _unsupported(g_leaves, mu_leaves, nu_leaves, p_leaves, state, rule)
     if why is not None or not g_leaves:
         if fused:
             raise RuntimeError(f"{fn}: fused=True but the kernel cannot run: {why or 'no leaves'}")
-        return plain(grads, state, params)
+        return plain()
     decay = _decay_flags(fn, treedef, grads, params, weight_decay, mask)
     count = _numerics.safe_increment(state.count)
-    scalars = _step_scalars(count, lr, rule=rule, **hyper)
-
-    def kernel(grads, state, params):
-        new_p, new_mu, new_nu = _kernel_step(
-            treedef.flatten_up_to(grads), jax.tree.leaves(state.mu, is_leaf=_storage.is_moment_leaf),
-            jax.tree.leaves(state.nu, is_leaf=_storage.is_moment_leaf),
-            treedef.flatten_up_to(params), decay, scalars, rule)
-        new_state = state.replace(count=count, mu=treedef.unflatten(new_mu),
-                                  nu=treedef.unflatten(new_nu))
-        return treedef.unflatten(new_p), new_state
-
-    # Only the branch for the platform being compiled for is lowered; GPU and TPU run plain JAX.
-    return jax.lax.platform_dependent(grads, state, params, cpu=kernel, default=plain)
+    scalars = _step_scalars(count, -lr, rule=rule, **hyper)
+    new_p, new_mu, new_nu = _kernel_step(g_leaves, mu_leaves, nu_leaves, p_leaves, decay,
+                                         scalars, rule)
+    new_state = state.replace(count=count, mu=treedef.unflatten(new_mu),
+                              nu=treedef.unflatten(new_nu))
+    return treedef.unflatten(new_p), new_state

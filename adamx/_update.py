@@ -134,13 +134,16 @@ def _decay_flags(fn, treedef, grads, params, weight_decay, mask):
 
 
 def apply_rule(
-    fn, grads, state, params, *, scale, b1, b2, eps, eps_root, weight_decay, mask, rule
+    fn, grads, state, params, *, scale, b1, b2, eps, eps_root, weight_decay, mask, rule,
+    kernel=True,
 ):
     """The single implementation behind :func:`update` and every optax factory.
 
     Args:
       fn: The public name used in error messages.
       scale: Multiplies the final update (``-learning_rate``), or None to return the direction.
+      kernel: Let float32 leaves go through the one-call CPU kernel of ``adamx._fused`` (the same
+        math in one pass per leaf) where it applies; False keeps every leaf on the JAX code below.
       (the rest: see :func:`update`)
 
     Returns:
@@ -158,9 +161,21 @@ def apply_rule(
     p_leaves = treedef.flatten_up_to(params) if any(decay) else [None] * len(g_leaves)
 
     count = _numerics.safe_increment(state.count)
+    done = {}
+    if kernel:
+        from adamx import _fused  # imported here: _fused builds on this module
+
+        done = _fused.kernel_updates(
+            g_leaves, mu_leaves, nu_leaves, max_leaves, p_leaves, decay, count, scale=scale,
+            b1=b1, b2=b2, eps=eps, eps_root=eps_root, weight_decay=weight_decay, rule=rule,
+        )
     scalars = {}
     outputs = []
-    for g, mu, nu, nu_max, p, d in zip(g_leaves, mu_leaves, nu_leaves, max_leaves, p_leaves, decay):
+    leaves = zip(g_leaves, mu_leaves, nu_leaves, max_leaves, p_leaves, decay)
+    for k, (g, mu, nu, nu_max, p, d) in enumerate(leaves):
+        if k in done:
+            outputs.append(done[k])
+            continue
         dtype = _numerics.compute_dtype(jnp.result_type(g))
         if dtype not in scalars:
             scalars[dtype] = _scalars(

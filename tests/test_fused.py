@@ -1,9 +1,13 @@
-"""The fused whole-step path computes what the plain path computes, and falls back safely.
+"""The CPU kernel computes what the plain JAX path computes, and everything falls back safely.
 
-The oracle is the plain JAX path (``adamx.update`` then ``optax.apply_updates``), itself checked
-against the float64 reference elsewhere; one test here also checks the kernel against
-``tests/reference.py`` directly.
+Two users of the kernel: ``adamx._fused.apply`` (the whole step, params updated in place) and the
+Optax protocol (``adamx.adam(...).update``, whose float32 leaves go through the kernel on CPU).
+The oracle is the plain JAX path with the kernel switched off (``adamx.update`` then
+``optax.apply_updates``), itself checked against the float64 reference elsewhere; one test here
+also checks the kernel against ``tests/reference.py`` directly.
 """
+
+from unittest import mock
 
 import jax
 import jax.numpy as jnp
@@ -11,6 +15,7 @@ import numpy as np
 import optax
 import pytest
 
+import adamx
 from adamx import _fused
 from adamx._state import init
 from adamx._update import update
@@ -29,11 +34,26 @@ needs_kernel = pytest.mark.skipif(
 
 
 def _plain_step(options):
+    """The oracle: adamx.update and optax.apply_updates, traced with the kernel switched off."""
     def step(params, state, grads):
         updates, state = update(grads, state, params, **options)
         return optax.apply_updates(params, updates), state
 
-    return jax.jit(step)
+    jitted = jax.jit(step)
+
+    def traced_without_kernel(*args):
+        with mock.patch.object(_fused, "_kernel_here", lambda: (False, "oracle")):
+            return jitted(*args)
+
+    return traced_without_kernel
+
+
+def _optax_step(tx):
+    def step(params, state, grads):
+        updates, state = tx.update(grads, state, params)
+        return optax.apply_updates(params, updates), state
+
+    return jax.jit(step, donate_argnums=(0, 1))
 
 
 def _fused_step(options, fused=None):
@@ -54,8 +74,8 @@ def _wide_params():
     return tree
 
 
-def _run(step, params, grads_seq):
-    state = init(params)
+def _run(step, params, grads_seq, state=None):
+    state = init(params) if state is None else state
     params = jax.tree.map(jnp.copy, params)
     for grads in grads_seq:
         params, state = step(params, state, grads)
@@ -88,12 +108,54 @@ OPTIONS = {
 
 @needs_kernel
 @pytest.mark.parametrize("name", list(OPTIONS))
-@pytest.mark.parametrize("tree", ["nested", "wide"])
-def test_fused_matches_plain_path_over_20_steps(name, tree):
-    params = nested_params() if tree == "nested" else _wide_params()
+def test_fused_matches_plain_path_over_20_steps(name):
+    params = _wide_params() if name in ("adamw_masked", "nesterov", "eps_hat") else nested_params()
     grads_seq = grad_sequence(params, STEPS)
     expected = _run(_plain_step(OPTIONS[name]), params, grads_seq)
     actual = _run(_fused_step(OPTIONS[name], fused=True), params, grads_seq)
+    _assert_trees_close(actual, expected)
+
+
+TRANSFORMS = {
+    "adam": lambda: adamx.adam(1e-2),
+    "adamw_masked": lambda: adamx.adamw(3e-3, weight_decay=0.1,
+                                        mask=lambda p: jax.tree.map(lambda x: x.ndim > 1, p)),
+    "nadamw_maximize": lambda: adamx.nadamw(1e-2, maximize=True),
+    "scale_by_adam_chain": lambda: optax.chain(adamx.scale_by_adam(eps_hat=True),
+                                               optax.scale(-1e-2)),
+}
+
+
+@needs_kernel
+@pytest.mark.parametrize("name", list(TRANSFORMS))
+def test_optax_protocol_kernel_matches_plain_path_over_20_steps(name):
+    params = _wide_params()
+    grads_seq = grad_sequence(params, STEPS)
+    tx = TRANSFORMS[name]()
+    with mock.patch.object(_fused, "_kernel_here", lambda: (False, "oracle")):
+        expected = _run(_optax_step(tx), params, grads_seq, tx.init(params))
+    actual = _run(_optax_step(tx), params, grads_seq, tx.init(params))
+    _assert_trees_close(actual, expected)
+
+
+@needs_kernel
+def test_optax_protocol_step_is_one_custom_call_plus_one_add_per_leaf():
+    params = {k: v for k, v in _wide_params().items() if v.size}
+    tx = adamx.adam(1e-2)
+    hlo = _optax_step(tx).lower(params, tx.init(params), params).compile().as_text()
+    assert hlo.count("custom-call(") == 1
+    assert " copy(" not in hlo
+
+
+@needs_kernel
+def test_optax_protocol_mixed_tree_splits_between_kernel_and_plain_path():
+    params = {"w": jnp.full((4, 3), 0.5, jnp.bfloat16), "b": jnp.ones(3, jnp.float32),
+              "h": jnp.ones((2, 5), jnp.float16), "v": jnp.linspace(-1, 1, 9, dtype=jnp.float32)}
+    grads_seq = grad_sequence(params, 5)
+    tx = adamx.adamw(1e-2, weight_decay=0.01)
+    with mock.patch.object(_fused, "_kernel_here", lambda: (False, "oracle")):
+        expected = _run(_optax_step(tx), params, grads_seq, tx.init(params))
+    actual = _run(_optax_step(tx), params, grads_seq, tx.init(params))
     _assert_trees_close(actual, expected)
 
 
