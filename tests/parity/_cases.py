@@ -108,6 +108,7 @@ TORCH = {
     ),
 }
 
+
 def _exclude_from_weight_decay(opt):
     opt.exclude_from_weight_decay(var_names=[k for k, decayed in MASK.items() if not decayed])
 

@@ -9,7 +9,7 @@ import importlib.util
 import json
 import os
 
-os.environ.setdefault("KERAS_BACKEND", "jax")
+os.environ["KERAS_BACKEND"] = "jax"
 
 import jax  # noqa: E402
 

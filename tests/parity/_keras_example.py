@@ -37,9 +37,9 @@ def keras_run(x, y):
         ]
     )
     model.compile(optimizer=keras.optimizers.Adam(learning_rate=0.001), loss="binary_crossentropy")
-    initial = [np.array(w) for w in model.get_weights()]
+    initial = [np.array(w.value) for w in model.weights]
     history = model.fit(x, y, epochs=EPOCHS, batch_size=BATCH, shuffle=False, verbose=0)
-    return initial, np.array(history.history["loss"]), [np.array(w) for w in model.get_weights()]
+    return initial, np.array(history.history["loss"]), [np.array(w.value) for w in model.weights]
 
 
 def jax_run(tx, initial, x, y):
@@ -92,9 +92,7 @@ def weight_error(weights, keras_weights):
 
 def weight_drift(weights, keras_weights):
     """The largest weight difference relative to the largest Keras weight of the same tensor."""
-    return max(
-        float(np.max(np.abs(w - kw)) / np.max(np.abs(kw))) for w, kw in zip(weights, keras_weights)
-    )
+    return max(float(np.max(np.abs(w - kw)) / np.max(np.abs(kw))) for w, kw in zip(weights, keras_weights))
 
 
 def compare(initial, keras_losses, keras_weights, x, y):

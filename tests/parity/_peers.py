@@ -84,7 +84,9 @@ class QuadraticGradients:
             name: (scale * rng.uniform(0.5, 2.0, shape)).astype(dtype)
             for name, (shape, scale) in LEAVES.items()
         }
-        self.center = {name: rng.uniform(3.5, 4.5, shape).astype(dtype) for name, (shape, _) in LEAVES.items()}
+        self.center = {
+            name: rng.uniform(3.5, 4.5, shape).astype(dtype) for name, (shape, _) in LEAVES.items()
+        }
         self.steps = steps
         self._grad = None
 
@@ -102,9 +104,7 @@ class QuadraticGradients:
             import jax.numpy as jnp
 
             def loss(p):
-                return sum(
-                    0.5 * jnp.sum(self.curvature[k] * jnp.square(p[k] - self.center[k])) for k in p
-                )
+                return sum(0.5 * jnp.sum(self.curvature[k] * jnp.square(p[k] - self.center[k])) for k in p)
 
             # Compiled once and reused by every case that runs on this source.
             self._grad = jax.jit(jax.grad(loss))
@@ -153,7 +153,7 @@ def run_torch(make_optimizer, params0, source):
 
 def import_keras():
     """Import Keras on the JAX backend (the backend is fixed at Keras's first import)."""
-    os.environ.setdefault("KERAS_BACKEND", "jax")
+    os.environ["KERAS_BACKEND"] = "jax"
     import keras
 
     if keras.backend.backend() != "jax":

@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 # Keras picks its backend at first import; every parity test runs it on JAX.
-os.environ.setdefault("KERAS_BACKEND", "jax")
+os.environ["KERAS_BACKEND"] = "jax"
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402

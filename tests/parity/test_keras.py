@@ -2,7 +2,9 @@
 
 import pytest
 
-keras = pytest.importorskip("keras", reason="keras is a peer in the `parity` extra: pip install adamx[parity]")
+keras = pytest.importorskip(
+    "keras", reason="keras is a peer in the `parity` extra: pip install adamx[parity]"
+)
 
 import adamx  # noqa: E402
 
@@ -14,6 +16,12 @@ def _run_case(case, params, grads):
     build_keras, build_adamx = KERAS[case]
     expected = run_keras(build_keras, params, grads, prepare=KERAS_PREPARE.get(case))
     return expected, run_optax(build_adamx(), params, grads)
+
+
+@pytest.fixture(scope="module")
+def keras_adam_defaults(params32, fixed_grads32):
+    """Keras's Adam with every default but the learning rate."""
+    return run_keras(lambda: keras.optimizers.Adam(learning_rate=LR), params32, fixed_grads32)
 
 
 def test_keras_runs_on_the_jax_backend():
@@ -36,15 +44,21 @@ def test_adamx_matches_keras_on_quadratic_loss_gradients(params32, quadratic_gra
     assert_trajectories_close(actual, expected, rtol=2e-5)
 
 
-def test_keras_adam_is_not_plain_adam_with_keras_epsilon(params32, fixed_grads32):
-    expected = run_keras(lambda: keras.optimizers.Adam(learning_rate=LR), params32, fixed_grads32)
+def test_keras_adam_is_not_plain_adam_with_keras_epsilon(keras_adam_defaults, params32, fixed_grads32):
     plain = run_optax(adamx.adam(LR, eps=1e-7), params32, fixed_grads32)
-    assert max_relative_error(plain, expected) > 1e-3
+    assert max_relative_error(plain, keras_adam_defaults) > 1e-3
+
+
+def test_keras_default_epsilon_is_not_adamx_default(keras_adam_defaults, params32, fixed_grads32):
+    # Keras's Adam defaults to epsilon=1e-7; adamx (like optax and torch) to 1e-8.
+    adamx_default_eps = run_optax(adamx.adam(LR, eps_hat=True), params32, fixed_grads32)
+    assert max_relative_error(adamx_default_eps, keras_adam_defaults) > 1e-3
 
 
 def test_keras_weight_decay_exclusion_matters(params32, fixed_grads32):
     # Guards the adamw_exclude case: Keras really skipped the excluded leaves.
-    excluded = run_keras(KERAS["adamw_exclude"][0], params32, fixed_grads32, prepare=KERAS_PREPARE["adamw_exclude"])
+    build_keras, _ = KERAS["adamw_exclude"]
+    excluded = run_keras(build_keras, params32, fixed_grads32, prepare=KERAS_PREPARE["adamw_exclude"])
     unmasked = run_optax(adamx.adamw(LR, eps=1e-7, eps_hat=True, weight_decay=WD), params32, fixed_grads32)
     assert any(not decayed for decayed in MASK.values())
     assert max_relative_error(unmasked, excluded) > 1e-3

@@ -13,7 +13,9 @@ Keras only over the first epochs (its bias correction is more accurate than Kera
 import numpy as np
 import pytest
 
-keras = pytest.importorskip("keras", reason="keras is a peer in the `parity` extra: pip install adamx[parity]")
+keras = pytest.importorskip(
+    "keras", reason="keras is a peer in the `parity` extra: pip install adamx[parity]"
+)
 
 import adamx  # noqa: E402
 

@@ -4,10 +4,11 @@ Each case builds a torch optimizer and the adamx transformation that reproduces 
 same gradients, and compares parameters after every step.
 """
 
-import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch", reason="torch is a peer in the `parity` extra: pip install adamx[parity]")
+torch = pytest.importorskip(
+    "torch", reason="torch is a peer in the `parity` extra: pip install adamx[parity]"
+)
 
 import adamx  # noqa: E402
 
