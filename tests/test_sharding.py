@@ -51,6 +51,13 @@ def test_jit_init_state_follows_params_shardings_on_explicit_mesh(findings):
     assert explicit["jit_init_count_replicated"] and explicit["jit_init_count_devices"] == 8
 
 
+@pytest.mark.xfail(reason="on an Auto mesh jax.jit drops the unused params, so zeros_like has "
+                          "no sharding to follow (optax alike); init eagerly or pass out_shardings",
+                   strict=False)
+def test_jit_init_state_follows_params_shardings_on_auto_mesh(findings):
+    moment_specs_follow_params(findings["auto"]["jit_init"], findings["auto"]["params"])
+
+
 def test_amsgrad_nu_max_follows_params_shardings(findings):
     explicit = findings["explicit"]
     moment_specs_follow_params(explicit["amsgrad_jit_init"], explicit["params"],
@@ -108,10 +115,11 @@ def test_zero1_shards_moments_on_largest_divisible_dimension_and_keeps_params_wh
     assert not any("data" in spec for spec in found["params_specs"].values())
 
 
-def test_zero1_step_gathers_updates_but_does_not_reshuffle_state(findings):
+def test_zero1_update_gathers_each_split_update_once_and_never_the_moments(findings):
     found = findings["zero1_hlo_collectives"]
-    assert found["all-gather"] > 0
-    assert found["all-to-all"] == found["collective-permute"] == 0
+    assert found["all_gather_bytes"] == found["split_param_bytes"] > 0
+    for name in ("all-to-all", "collective-permute", "all-reduce", "reduce-scatter"):
+        assert found["collectives"][name] == 0, name
 
 
 @pytest.mark.parametrize("run", ["adam", "adam_zero1", "adamw_zero1"])

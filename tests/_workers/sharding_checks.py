@@ -7,6 +7,7 @@ strings, byte counts, differences); the test file makes the claims about them.
 
 import json
 import os
+import re
 import sys
 import time
 
@@ -25,6 +26,7 @@ from _common import load_task  # noqa: E402
 
 COLLECTIVES = ("all-gather", "all-reduce", "all-to-all", "collective-permute", "reduce-scatter")
 STEPS = 10
+HLO_ITEMSIZE = {"f32": 4, "s32": 4, "u8": 1, "f64": 8, "bf16": 2, "f16": 2}
 DIGITS_SIZES = (64, 128, 10)  # inputs, load_task("digits").hidden, classes
 
 
@@ -47,7 +49,18 @@ def specs(tree):
 
 
 def collectives(compiled_text):
-    return {name: compiled_text.count(name) for name in COLLECTIVES}
+    """How many instructions of each collective the compiled HLO holds."""
+    return {name: len(re.findall(rf" {name}(?:-start)?\(", compiled_text)) for name in COLLECTIVES}
+
+
+def all_gather_bytes(compiled_text):
+    """Bytes of all the all-gather results in the compiled HLO."""
+    total = 0
+    for dtype, dims in re.findall(r"= (\w+)\[([\d,]*)\]\{[^}]*\} all-gather(?:-start)?\(",
+                                  compiled_text):
+        size = int(np.prod([int(d) for d in dims.split(",") if d]))
+        total += size * HLO_ITEMSIZE[dtype]
+    return total
 
 
 def sharded_params(mesh):
@@ -183,7 +196,7 @@ def digits_params_host(data):
 
 
 def zero1_hlo_check():
-    """Collectives in the ZeRO-1 step: the gradient all-reduce and the update all-gather."""
+    """Collectives in the ZeRO-1 update: the updates of split leaves must be all-gathered."""
     mesh = jax.make_mesh((8,), ("data",))
     with jax.set_mesh(mesh):
         params = digits_params(mesh)
@@ -197,7 +210,11 @@ def zero1_hlo_check():
 
         replicated = NamedSharding(mesh, P())
         jitted = jax.jit(step, out_shardings=(replicated, shardings))
-        return collectives(jitted.lower(params, state, params).compile().as_text())
+        text = jitted.lower(params, state, params).compile().as_text()
+        split = [p.nbytes for p, s in zip(jax.tree.leaves(params), jax.tree.leaves(shardings.mu))
+                 if "data" in str(s.spec)]
+        return {"collectives": collectives(text), "all_gather_bytes": all_gather_bytes(text),
+                "split_param_bytes": sum(split)}
 
 
 def quantized_zero1_check(axis_type):
