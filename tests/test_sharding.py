@@ -24,8 +24,9 @@ COLLECTIVES = ("all-gather", "all-to-all", "collective-permute", "all-reduce", "
 # After 10 Adam steps at lr 1e-2, adamx and optax on ONE device already differ by ~1.5e-6 (float32
 # rounding in a different order, grown by m / sqrt(v) for tiny gradients); params move ~0.1.
 FLOAT32_TOLERANCE = 1e-5
-# One 8-bit code flipped by a rounding difference moves that element's update by ~1% of lr.
-INT8_TOLERANCE = 1e-3
+# A float32 rounding difference can flip an 8-bit code, which changes that element's step by up
+# to about one learning rate (1e-2 in these runs); all other elements must agree to float32.
+INT8_FLIP_TOLERANCE = 1e-2
 
 
 @pytest.fixture(scope="module")
@@ -151,7 +152,9 @@ def test_zero1_int8_state_after_ten_steps_equals_single_device_run(findings):
     found = findings["int8_auto"]
     if not found["available"]:
         pytest.skip(f"int8 moments are not available: {found['reason']}")
-    assert found["vs_one_device"] <= INT8_TOLERANCE, found
+    q999 = found["diff_quantiles"][-1]  # quantiles 0.5, 0.99, 0.999 of |difference|
+    assert q999 <= FLOAT32_TOLERANCE, found
+    assert found["vs_one_device"] <= INT8_FLIP_TOLERANCE, found
     assert found["specs"][".mu['dense_0']['kernel'].codes"] == "P('data', None)"
 
 

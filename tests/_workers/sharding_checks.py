@@ -272,7 +272,11 @@ def int8_check(axis_type):
             return {"available": True, "error": str(error)}
         state = jax.eval_shape(tx().init, digits_params(eight))
         shardings = specs(adamx.zero1_shardings(state, eight))
+    diffs = np.concatenate([np.abs(a - b).ravel() for a, b in
+                            zip(jax.tree.leaves(sharded), jax.tree.leaves(single))])
     return {"available": True, "vs_one_device": max_abs_diff(sharded, single),
+            "diff_quantiles": [float(q) for q in np.quantile(diffs, [0.5, 0.99, 0.999])],
+            "elements": int(diffs.size),
             "max_param_change": max_abs_diff(single, digits_params_host(data)),
             "specs": shardings}
 
