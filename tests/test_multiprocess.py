@@ -1,9 +1,10 @@
 """Two processes on 127.0.0.1 train as one: `examples/data_parallel.py` over jax.distributed.
 
 The test starts both processes of the example itself (gloo CPU collectives, two simulated devices
-each, so four in all, the moments ZeRO-1-split across both processes), on a free port, bounded in
-time, and kills both if anything goes wrong. The oracle is ``optax.adam`` run in this process on a
-single device over the same batches.
+each, so four in all; the batch split over all four, the params and state replicated), on a free
+port, bounded in time, and kills both if anything goes wrong. (ZeRO-1 is the same SPMD program
+with other shardings; tests/test_sharding.py checks it on 8 devices.) The oracle is
+``optax.adam`` run in this process on a single device over the same batches.
 """
 
 import importlib.util
@@ -92,8 +93,8 @@ def oracle():
     return {jax.tree_util.keystr(path): leaf for path, leaf in flat}
 
 
-def test_two_processes_zero1_final_params_equal_single_process_optax(tmp_path, oracle):
-    params, outputs = run_two_processes(tmp_path, "--zero1")
+def test_two_processes_final_params_equal_single_process_optax(tmp_path, oracle):
+    params, outputs = run_two_processes(tmp_path)
     assert sorted(params) == sorted(oracle)
     for key, value in oracle.items():
         np.testing.assert_allclose(params[key], value, rtol=0, atol=FLOAT32_TOLERANCE, err_msg=key)
