@@ -35,21 +35,55 @@ def quadratic_grads32():
     return QuadraticGradients(0, np.float32)
 
 
+_FLOAT64 = {}
+
+
+def _float64_process():
+    """Start (once per process) the x64 subprocess that runs every float64 case."""
+    if "proc" not in _FLOAT64:
+        env = dict(os.environ, JAX_ENABLE_X64="1", KERAS_BACKEND="jax")
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+        _FLOAT64["proc"] = subprocess.Popen(
+            [sys.executable, "-m", "tests.parity._float64_cases"],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+    return _FLOAT64["proc"]
+
+
+def pytest_collection_finish(session):
+    """Start the float64 subprocess early, so it runs alongside the float32 tests.
+
+    Only in the main process: pytest-xdist workers start it when a test first needs it.
+    """
+    if not hasattr(session.config, "workerinput") and any(
+        "float64_errors" in getattr(item, "fixturenames", ()) for item in session.items
+    ):
+        _float64_process()
+
+
+def pytest_sessionfinish(session):
+    proc = _FLOAT64.get("proc")
+    if proc is not None and proc.poll() is None:
+        proc.kill()
+        proc.communicate()
+
+
 @pytest.fixture(scope="session")
 def float64_errors():
-    """Largest relative error of every case in float64, computed once in a fresh x64 process."""
-    env = dict(os.environ, JAX_ENABLE_X64="1", KERAS_BACKEND="jax")
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-    proc = subprocess.run(
-        [sys.executable, "-m", "tests.parity._float64_cases"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    """Largest relative error of every float64 case, from a fresh x64 process."""
+    proc = _float64_process()
+    try:
+        out, err = proc.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, err = proc.communicate()
+        pytest.fail(f"float64 subprocess timed out after 300 s:\n{err[-4000:]}")
+    assert proc.returncode == 0, err[-4000:]
+    return json.loads(out.strip().splitlines()[-1])
 
 
 @pytest.fixture

@@ -62,3 +62,10 @@ def test_keras_weight_decay_exclusion_matters(params32, fixed_grads32):
     unmasked = run_optax(adamx.adamw(LR, eps=1e-7, eps_hat=True, weight_decay=WD), params32, fixed_grads32)
     assert any(not decayed for decayed in MASK.values())
     assert max_relative_error(unmasked, excluded) > 1e-3
+
+
+def test_keras_nadam_is_not_optax_nadam(params32, fixed_grads32):
+    # Keras's Nadam uses Dozat's momentum schedule b1 * (1 - 0.5 * 0.96**t); adamx.nadam is optax's.
+    expected = run_keras(lambda: keras.optimizers.Nadam(learning_rate=LR), params32, fixed_grads32)
+    actual = run_optax(adamx.nadam(LR, eps=1e-7, eps_hat=True), params32, fixed_grads32)
+    assert max_relative_error(actual, expected) > 1e-3
