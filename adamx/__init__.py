@@ -11,6 +11,8 @@ Example:
   Array([0.99, 1.99], dtype=float32)
 """
 
+from adamx._quantize import Int8Spec, Quantized, int8_moments
+from adamx._sharding import zero1_shardings
 from adamx._state import AdamState, init
 from adamx._transforms import adam, adamax, adamw, amsgrad, nadam, nadamw, scale_by_adam
 from adamx._update import update
@@ -19,13 +21,17 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AdamState",
+    "Int8Spec",
+    "Quantized",
     "adam",
     "adamax",
     "adamw",
     "amsgrad",
     "init",
+    "int8_moments",
     "nadam",
     "nadamw",
     "scale_by_adam",
     "update",
+    "zero1_shardings",
 ]
