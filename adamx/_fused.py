@@ -58,6 +58,9 @@ _SCALAR_ORDER = ("scale", "b1", "omb1", "b2", "omb2", "eps", "eps_root", "weight
 _MAXIMIZE, _EPS_HAT, _NESTEROV, _UPDATE = 1, 2, 4, 8
 # Elements per work item handed to a thread: large enough to amortize scheduling.
 _CHUNK = 1 << 16
+# Leaves per custom call: XLA's compile time grows faster than linearly in the aliased operands
+# of one call (1,000 leaves in one call took minutes), so big trees are split into a few calls.
+_GROUP = 64
 
 
 def _cache_dir():
@@ -147,7 +150,7 @@ def _unsupported(g_leaves, mu_leaves, nu_leaves, p_leaves, state, rule):
 
 def _kernel_step(g_leaves, mu_leaves, nu_leaves, p_leaves, decay, scalars, rule,
                  write_update=False):
-    """Runs the custom call (leaves of any shape, row-major); returns flat lists (params, mu, nu).
+    """Runs the custom calls (leaves of any shape); returns flat lists (params, mu, nu).
 
     With ``write_update`` the first list holds the updates instead of new params, and a leaf's
     param is read only when it is decayed (``p_leaves[k]`` may be None otherwise). Empty leaves
@@ -156,30 +159,30 @@ def _kernel_step(g_leaves, mu_leaves, nu_leaves, p_leaves, decay, scalars, rule,
     live = [k for k, g in enumerate(g_leaves) if np.size(g)]
     first = list(g_leaves) if write_update else list(p_leaves)
     new_p, new_mu, new_nu = first, list(mu_leaves), list(nu_leaves)
-    if not live:
-        return new_p, new_mu, new_nu
-    operands = [scalars]
-    for k in live:
-        # An undecayed leaf's param is never read by the update kernel; its grad stands in.
-        p = p_leaves[k] if p_leaves[k] is not None else g_leaves[k]
-        operands += [p, g_leaves[k], mu_leaves[k], nu_leaves[k]]
-    result_types = [jax.ShapeDtypeStruct(np.shape(g_leaves[k]), jnp.float32)
-                    for k in live for _ in range(3)]
-    # Operand 3 + 4j (mu) and 4 + 4j (nu), and 1 + 4j (param) unless the update is written, are
-    # updated in place as results 3j + 1, 3j + 2 and 3j; a fresh buffer holds an update.
-    aliases = {}
-    for j in range(len(live)):
-        aliases.update({3 + 4 * j: 3 * j + 1, 4 + 4 * j: 3 * j + 2})
-        if not write_update:
-            aliases[1 + 4 * j] = 3 * j
     flags = ((_MAXIMIZE if rule.maximize else 0) | (_EPS_HAT if rule.eps_hat else 0)
              | (_NESTEROV if rule.nesterov else 0) | (_UPDATE if write_update else 0))
-    call = jax.ffi.ffi_call(_TARGET, result_types, input_output_aliases=aliases,
-                            vmap_method="sequential")
-    out = call(*operands, flags=np.int64(flags), decay=np.asarray([decay[k] for k in live], np.int32),
-               chunk=np.int64(_CHUNK))
-    for j, k in enumerate(live):
-        new_p[k], new_mu[k], new_nu[k] = out[3 * j: 3 * j + 3]
+    for start in range(0, len(live), _GROUP):
+        group = live[start:start + _GROUP]
+        operands = [scalars]
+        for k in group:
+            # An undecayed leaf's param is never read by the update kernel; its grad stands in.
+            p = p_leaves[k] if p_leaves[k] is not None else g_leaves[k]
+            operands += [p, g_leaves[k], mu_leaves[k], nu_leaves[k]]
+        result_types = [jax.ShapeDtypeStruct(np.shape(g_leaves[k]), jnp.float32)
+                        for k in group for _ in range(3)]
+        # Operands 3 + 4j (mu) and 4 + 4j (nu), and 1 + 4j (param) unless the update is written,
+        # are updated in place as results 3j + 1, 3j + 2 and 3j; a fresh buffer holds an update.
+        aliases = {}
+        for j in range(len(group)):
+            aliases.update({3 + 4 * j: 3 * j + 1, 4 + 4 * j: 3 * j + 2})
+            if not write_update:
+                aliases[1 + 4 * j] = 3 * j
+        call = jax.ffi.ffi_call(_TARGET, result_types, input_output_aliases=aliases,
+                                vmap_method="sequential")
+        out = call(*operands, flags=np.int64(flags),
+                   decay=np.asarray([decay[k] for k in group], np.int32), chunk=np.int64(_CHUNK))
+        for j, k in enumerate(group):
+            new_p[k], new_mu[k], new_nu[k] = out[3 * j: 3 * j + 3]
     return new_p, new_mu, new_nu
 
 

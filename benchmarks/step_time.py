@@ -11,6 +11,8 @@ torch (its intra-op threads); the faster of the two is the floor, and "% floor" 
 effective GB/s over it. The paths of a tree run interleaved (one step of each per round), so a
 change of load on a shared machine hits all of them alike; the ratios are the numbers to read.
 "peak RSS" is the process's peak after building that path (cumulative over the run).
+"in-loop ms/step" times ``--inner`` JAX steps inside one jitted ``fori_loop`` (as a training loop
+under ``lax.scan`` runs them), which leaves out the per-call cost of passing every buffer.
 
 Usage::
 
@@ -146,8 +148,13 @@ def jax_step(path):
     return opt.init, step
 
 
-def bench_jax(path, tree):
-    """One JAX path on one tree: returns (a blocking step call, lower+compile seconds)."""
+def bench_jax(path, tree, inner):
+    """One JAX path on one tree.
+
+    Returns:
+      (a blocking call of one step, its lower+compile seconds, a blocking call of ``inner``
+      steps inside one jitted ``fori_loop`` or None when ``inner`` is 0).
+    """
     import jax
 
     init, step = jax_step(path)
@@ -165,11 +172,25 @@ def bench_jax(path, tree):
         carry[0], carry[1] = compiled(carry[0], carry[1], grads)
         jax.block_until_ready(carry)
 
-    return call, compile_s
+    if not inner:
+        return call, compile_s, None
+
+    def steps(params, state, grads):
+        return jax.lax.fori_loop(0, inner, lambda _, c: step(*c, grads), (params, state))
+
+    looped = jax.jit(steps, donate_argnums=(0, 1)).lower(*carry, grads).compile()
+    loop_carry = [jax.tree.map(jax.numpy.copy, params_like) for params_like in carry]
+
+    def loop_call():
+        loop_carry[0], loop_carry[1] = looped(loop_carry[0], loop_carry[1], grads)
+        jax.block_until_ready(loop_carry)
+
+    return call, compile_s, loop_call
 
 
-def bench_torch(path, tree):
-    """One ``torch.optim.Adam`` variant on one tree: returns (its step, None)."""
+def bench_torch(path, tree, inner):
+    """One ``torch.optim.Adam`` variant on one tree: returns (its step, None, None)."""
+    del inner
     import torch
 
     params_np, grads_np = make_tree(tree)
@@ -182,7 +203,7 @@ def bench_torch(path, tree):
         "torch-fused": {"fused": True},
     }[path]
     opt = torch.optim.Adam(params, lr=LR, **options)
-    return opt.step, None
+    return opt.step, None, None
 
 
 def available(path):
@@ -206,7 +227,7 @@ def available(path):
     return None
 
 
-def run_steps(trees, paths, repeats, warmup):
+def run_steps(trees, paths, repeats, warmup, inner):
     """All (tree, path) step timings, plus the bandwidth floor, as one result dict."""
     results = {"floor_method": "a += b over 16M float32 (12 B/element), NumPy 1 thread and "
                                "torch's threads, timed interleaved with each tree's paths; "
@@ -227,7 +248,9 @@ def run_steps(trees, paths, repeats, warmup):
                 entry["paths"][path] = {"skipped": why}
                 continue
             bench = bench_torch if path in TORCH_PATHS else bench_jax
-            calls[path], compile_s = bench(path, tree)
+            calls[path], compile_s, loop_call = bench(path, tree, inner)
+            if loop_call is not None:
+                calls[f"loop:{path}"] = loop_call
             entry["paths"][path] = {"compile_s": compile_s, "peak_rss_mb": peak_rss_mb()}
             print(f"  {tree} {path}: built", file=sys.stderr, flush=True)
         timed = time_calls(calls, repeats, warmup)
@@ -235,6 +258,8 @@ def run_steps(trees, paths, repeats, warmup):
                   for k in list(timed) if k.startswith("floor:")}
         entry["floor_gbps"] = floors
         floor = max(floors.values())
+        for k in [k for k in timed if k.startswith("loop:")]:
+            entry["paths"][k.split(":", 1)[1]]["in_loop_ms"] = timed.pop(k)[0] / inner
         for path, (med, times) in timed.items():
             r = entry["paths"][path]
             r.update(median_ms=med, times_ms=times)
@@ -261,8 +286,8 @@ def print_steps(results):
         print(f"\n{TREE_NAMES[tree]}: {entry['n_params']:,} params; floor {measured}; "
               f"floor time at 28 B/param {floor_ms:.2f} ms")
         print("| path | median ms | GB/s | % floor | x adamx | x optax | x torch-fused "
-              "| compile s | peak RSS MiB |")
-        print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+              "| in-loop ms/step | compile s | peak RSS MiB |")
+        print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
         for path, r in entry["paths"].items():
             if "skipped" in r:
                 print(f"| {path} | skipped: {r['skipped']} |||||||")
@@ -272,9 +297,10 @@ def print_steps(results):
                 return f"{r[key]:.2f}" if key in r else "-"
 
             comp = f"{r['compile_s']:.2f}" if r["compile_s"] is not None else "-"
+            loop = f"{r['in_loop_ms']:.2f}" if "in_loop_ms" in r else "-"
             print(f"| {path} | {r['median_ms']:.2f} | {r['gbps']:.1f} | {r['pct_floor']:.0f} "
                   f"| {ratio('x_adamx')} | {ratio('x_optax')} | {ratio('x_torch-fused')} "
-                  f"| {comp} | {r['peak_rss_mb']:.0f} |")
+                  f"| {loop} | {comp} | {r['peak_rss_mb']:.0f} |")
 
 
 def keras_epoch_times(data, learning_rate, epochs, batch_size):
@@ -352,6 +378,9 @@ def main(argv=None):
     parser.add_argument("--paths", default=",".join(ALL_PATHS), help="comma list of paths")
     parser.add_argument("--repeats", type=int, default=21, help="timed runs (median of these)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed runs first")
+    parser.add_argument("--inner", type=int, default=10,
+                        help="also time JAX steps inside one jitted fori_loop of this many steps "
+                             "(no per-call dispatch of every buffer); 0 to skip")
     parser.add_argument("--epochs", type=int, default=50, help="epochs for the training table")
     parser.add_argument("--no-keras", action="store_true", help="skip the training table")
     parser.add_argument("--json", type=Path, help="also write all results to this file")
@@ -365,7 +394,7 @@ def main(argv=None):
 
     print(f"jax {jax.__version__} on {jax.default_backend()}, {platform.processor() or platform.machine()}, "
           f"median of {args.repeats} after {args.warmup} warm-up", flush=True)
-    results = run_steps(trees, paths, args.repeats, args.warmup)
+    results = run_steps(trees, paths, args.repeats, args.warmup, args.inner)
     print_steps(results)
     if not args.no_keras:
         results["training"] = run_training(args.epochs)

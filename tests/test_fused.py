@@ -256,3 +256,16 @@ def test_apply_checks_like_update():
         _fused.apply({"other": params["scale"]}, state, params, learning_rate=1e-2)
     with pytest.raises(TypeError, match="AdamState"):
         _fused.apply(params, (state,), params, learning_rate=1e-2)
+
+
+@needs_kernel
+def test_leaves_split_over_several_calls_match_plain_path(monkeypatch):
+    monkeypatch.setattr(_fused, "_GROUP", 3)
+    params = _wide_params()
+    grads_seq = grad_sequence(params, 5)
+    options = dict(learning_rate=1e-2, weight_decay=0.01)
+    expected = _run(_plain_step(options), params, grads_seq)
+    step = _fused_step(options, fused=True)
+    hlo = step.lower(params, init(params), params).compile().as_text()
+    assert hlo.count("custom-call(") == 3
+    _assert_trees_close(_run(step, params, grads_seq), expected)
