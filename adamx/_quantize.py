@@ -91,6 +91,15 @@ _SIGNED_CELLS = _cell_tables(_SIGNED_MIDPOINTS)
 _UNSIGNED_CELLS = _cell_tables(_UNSIGNED_MIDPOINTS)
 
 
+def _lookup(table, index):
+    """``table[index]`` for a constant table; the result is sharded like ``index``.
+
+    Plain indexing cannot place the result when ``index`` is explicitly sharded (a mesh with
+    ``AxisType.Explicit``, the default of ``jax.make_mesh``), so the sharding is given.
+    """
+    return jnp.asarray(table).at[index].get(out_sharding=jax.typeof(index).sharding)
+
+
 def _encode(scaled, signed):
     """Index of the nearest code (ties down; positive never to 0 if unsigned) for values in [-1, 1]."""
     positive, negative, midpoints = _SIGNED_CELLS if signed else _UNSIGNED_CELLS
@@ -98,10 +107,10 @@ def _encode(scaled, signed):
         scaled = jnp.maximum(scaled, 0.0)
     bits = jax.lax.bitcast_convert_type(jnp.abs(scaled), jnp.uint32) >> (23 - _CELL_BITS)
     cell = jnp.clip(bits.astype(jnp.int32) - ((127 - _CELL_BINADES) << _CELL_BITS), 0, positive.size - 1)
-    start = jnp.asarray(positive)[cell]
+    start = _lookup(positive, cell)
     if signed:
-        start = jnp.where(scaled < 0, jnp.asarray(negative)[cell], start)
-    codes = start + (scaled > jnp.asarray(midpoints)[start]).astype(jnp.uint8)
+        start = jnp.where(scaled < 0, _lookup(negative, cell), start)
+    codes = start + (scaled > _lookup(midpoints, start)).astype(jnp.uint8)
     if not signed:
         # no zero point: code 0 is 0.0 and code 1 the smallest positive value
         codes = jnp.maximum(codes, (scaled > 0).astype(jnp.uint8))
@@ -215,6 +224,15 @@ def quantize(x, *, block_size=256, signed=True):
     x = jnp.asarray(x)
     if not jnp.issubdtype(x.dtype, jnp.floating):
         raise TypeError(f"adamx.quantize: x must be a real float array, got dtype {x.dtype}")
+    encode = functools.partial(_encode_blocks, block_size=block_size, signed=signed)
+    spec = _explicit_spec(x)
+    if spec is not None:
+        encode = jax.sharding.auto_axes(encode, out_sharding=(spec, jax.P()))
+    codes, absmax = encode(x)
+    return Quantized(codes=codes, absmax=absmax, block_size=block_size, signed=signed)
+
+
+def _encode_blocks(x, *, block_size, signed):
     blocks = _blocks(x.astype(jnp.float32).reshape(-1), block_size)
     absmax = jnp.max(jnp.abs(blocks), axis=1)
     # tested per element: a max reduction may drop NaN on some backends (XLA CPU does)
@@ -225,8 +243,22 @@ def quantize(x, *, block_size=256, signed=True):
     # a block too small for float32 is stored as exact zeros; a non-finite block as NaN scale
     codes = jnp.where(live[:, None], codes, jnp.uint8(_ZERO_CODE[signed]))
     absmax = jnp.where(live, absmax, jnp.where(finite, 0.0, jnp.nan)).astype(jnp.float32)
-    codes = codes.reshape(-1)[: x.size].reshape(x.shape)
-    return Quantized(codes=codes, absmax=absmax, block_size=block_size, signed=signed)
+    return codes.reshape(-1)[: x.size].reshape(x.shape), absmax
+
+
+def _explicit_spec(x):
+    """The PartitionSpec of ``x`` if it is sharded over explicit mesh axes, else None.
+
+    Explicit sharding has no rule for regrouping a sharded array into blocks, so such arrays are
+    encoded and decoded under ``jax.sharding.auto_axes``, where the compiler places the blocks.
+    """
+    sharding = jax.typeof(x).sharding
+    mesh = sharding.mesh
+    explicit = {name for name, kind in zip(mesh.axis_names, mesh.axis_types)
+                if kind == jax.sharding.AxisType.Explicit}
+    used = {axis for entry in sharding.spec if entry is not None
+            for axis in (entry if isinstance(entry, tuple) else (entry,))}
+    return sharding.spec if used & explicit else None
 
 
 @functools.partial(jax.jit, static_argnames=("dtype",))
@@ -246,9 +278,17 @@ def dequantize(q, dtype=jnp.float32):
       >>> adamx.dequantize(q)
       Array([0.       , 0.2511719, 1.       ], dtype=float32)
     """
-    table = jnp.asarray(SIGNED_CODE if q.signed else UNSIGNED_CODE)
-    values = _blocks(table[q.codes.reshape(-1)], q.block_size) * q.absmax[:, None]
-    return values.reshape(-1)[: q.codes.size].reshape(q.shape).astype(dtype)
+    decode = functools.partial(_decode_blocks, block_size=q.block_size, signed=q.signed)
+    spec = _explicit_spec(q.codes)
+    if spec is not None:
+        decode = jax.sharding.auto_axes(decode, out_sharding=spec)
+    return decode(q.codes, q.absmax).astype(dtype)
+
+
+def _decode_blocks(codes, absmax, *, block_size, signed):
+    table = SIGNED_CODE if signed else UNSIGNED_CODE
+    values = _blocks(_lookup(table, codes.reshape(-1)), block_size) * absmax[:, None]
+    return values.reshape(-1)[: codes.size].reshape(codes.shape)
 
 
 def zeros(param, spec, *, signed):

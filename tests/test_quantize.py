@@ -336,6 +336,42 @@ def test_int8_float64_params_in_an_x64_process():
     assert result.returncode == 0, result.stderr[-3000:]
 
 
+SHARDED_RUN = """
+import jax, jax.numpy as jnp, numpy as np, adamx
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+from tests.test_quantize import problem
+params, grads = problem(steps=3)
+params["odd"] = jnp.ones((5000, 3))  # 15,000 elements: blocks straddle the shards
+grads = [dict(g, odd=jnp.full((5000, 3), 0.1 * i)) for i, g in enumerate(grads)]
+tx = adamx.adam(1e-2, mu_dtype="int8", nu_dtype="int8")
+def run(params, grads):
+    state, step = jax.jit(tx.init)(params), jax.jit(tx.update)
+    for g in grads:
+        updates, state = step(g, state, params)
+    return updates, state
+want = run(params, grads)
+for kind in (AxisType.Auto, AxisType.Explicit):
+    mesh = jax.make_mesh((8,), ("d",), axis_types=(kind,))
+    place = lambda t: {k: jax.device_put(v, NamedSharding(mesh, P("d") if v.ndim == 2 else P()))
+                       for k, v in t.items()}
+    with jax.set_mesh(mesh):
+        got = run(place(params), [place(g) for g in grads])
+    if kind == AxisType.Explicit:  # under Auto the compiler may choose another placement
+        assert got[1].mu["w"].codes.sharding.spec == P("d", None), got[1].mu["w"].codes.sharding
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_array_equal(a, b)
+"""
+
+
+def test_int8_state_follows_param_shardings_and_equals_the_single_device_run():
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+               JAX_PLATFORMS="cpu")
+    result = subprocess.run([sys.executable, "-c", SHARDED_RUN], cwd=root, env=env,
+                            capture_output=True, text=True, timeout=180)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
 def test_int8_state_carries_through_scan_and_matches_the_oracle():
     params, grads = problem()
     tx = adamx.adam(LR, mu_dtype="int8", nu_dtype="int8")
