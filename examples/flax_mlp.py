@@ -295,7 +295,9 @@ def parse(argv):
     if args.resume and not os.path.isdir(args.checkpoint_dir):
         parser.error(f"--resume: checkpoint directory {args.checkpoint_dir!r} does not exist")
     if args.checkpoint_dir and os.path.isdir(args.checkpoint_dir):
-        has_checkpoint = Checkpoints(args.checkpoint_dir).latest_epoch() is not None
+        checkpoints = Checkpoints(args.checkpoint_dir)
+        has_checkpoint = checkpoints.latest_epoch() is not None
+        checkpoints.close()
         if args.resume and not has_checkpoint:
             parser.error(f"--resume: no checkpoint in {args.checkpoint_dir!r}")
         if not args.resume and has_checkpoint:
