@@ -11,7 +11,7 @@ import jax
 import numpy as np
 
 
-def _concrete_float(fn, name, value):
+def concrete_float(fn, name, value):
     """Returns ``value`` as a Python float, or None for a tracer; raises TypeError otherwise."""
     if isinstance(value, jax.core.Tracer):
         return None
@@ -33,7 +33,7 @@ def _concrete_float(fn, name, value):
 def check_in_unit_interval(fn, **values):
     """Checks that each value lies in [0, 1): a decay rate of 1 divides by zero in 1 - b**t."""
     for name, value in values.items():
-        x = _concrete_float(fn, name, value)
+        x = concrete_float(fn, name, value)
         if x is not None and not 0.0 <= x < 1.0:
             raise ValueError(f"{fn}: {name} must be in [0, 1), got {value!r}")
 
@@ -41,7 +41,7 @@ def check_in_unit_interval(fn, **values):
 def check_non_negative(fn, **values):
     """Checks that each value is finite and >= 0 (NaN fails)."""
     for name, value in values.items():
-        x = _concrete_float(fn, name, value)
+        x = concrete_float(fn, name, value)
         if x is not None and not (0.0 <= x < math.inf):
             raise ValueError(f"{fn}: {name} must be finite and >= 0, got {value!r}")
 
@@ -62,6 +62,22 @@ def check_bool(fn, **values):
 
 def _describe(path):
     return jax.tree_util.keystr(path) or "<root>"
+
+
+def _first_node_difference(a, b, is_leaf, path=()):
+    """The first key path (depth first) where two trees with equal key paths differ in node type."""
+    if type(a) is not type(b):
+        return path, type(a).__name__, type(b).__name__
+    children = [
+        jax.tree_util.tree_flatten_with_path(x, is_leaf=lambda y, x=x: y is not x or is_leaf(y))[0]
+        for x in (a, b)
+    ]
+    for (key, child_a), (_, child_b) in zip(*children):
+        if child_a is not a:
+            found = _first_node_difference(child_a, child_b, is_leaf, path + key)
+            if found is not None:
+                return found
+    return None
 
 
 def check_same_structure(fn, grads, moments, *, is_leaf):
@@ -93,9 +109,10 @@ def check_same_structure(fn, grads, moments, *, is_leaf):
                 f"{fn}: grads and state differ in tree structure: only the {which} have "
                 f"{longer[min(len(g_keys), len(m_keys))]}"
             )
+        path, g_type, m_type = _first_node_difference(grads, moments, is_leaf)
         raise ValueError(
-            f"{fn}: grads and state differ in tree structure (node types): "
-            f"grads {g_def}, state {m_def}"
+            f"{fn}: grads and state differ in node type at {_describe(path)}: grads have a "
+            f"{g_type} where the state has a {m_type}"
         )
     for (path, g), (_, m) in zip(g_paths, m_paths):
         if np.shape(g) != tuple(m.shape):

@@ -65,7 +65,8 @@ def init(params, *, mu_dtype=None, nu_dtype=None, amsgrad=False) -> AdamState:
       params: A pytree of float or complex arrays (or ``jax.ShapeDtypeStruct``); None and
         ``optax.MaskedNode`` leaves pass through.
       mu_dtype: Storage dtype of the first moment; None keeps each param's dtype.
-      nu_dtype: Storage dtype of the second moment; None keeps each param's (real) dtype.
+      nu_dtype: Storage dtype of the second moment; None keeps each param's real dtype, but
+        float32 for float16 and bfloat16 params (a 16-bit second moment underflows or stalls).
       amsgrad: Also keep ``nu_max``, the running maximum of the second moment.
 
     Returns:

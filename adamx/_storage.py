@@ -49,7 +49,8 @@ def zeros(param, spec, *, real):
 
     Args:
       param: An array or ``jax.ShapeDtypeStruct``.
-      spec: A canonical spec from :func:`check_spec`; None keeps the param's dtype.
+      spec: A canonical spec from :func:`check_spec`; None keeps the param's dtype (float32 for
+        the second moment of a float16 or bfloat16 param).
       real: Whether the moment is real even for a complex param (the second moment is). Under
         an int8 spec it also picks the unsigned code (the second moment is never negative).
 
@@ -63,10 +64,15 @@ def zeros(param, spec, *, real):
                 f"shape {tuple(param.shape)}; keep mu_dtype a float dtype for complex params"
             )
         return _quantize.zeros(param, spec, signed=not real)
-    dtype = param.dtype if spec is None else spec
+    param_dtype = jnp.result_type(param)
+    dtype = param_dtype if spec is None else spec
+    if spec is None and real and param_dtype in (jnp.float16, jnp.bfloat16):
+        # A 16-bit second moment fails: (1-b2) g^2 underflows in float16 for |g| < 1e-3, and in
+        # bfloat16 a 0.999 decay is below half an ulp, so v never decays. Default to float32.
+        dtype = jnp.dtype(jnp.float32)
     if real and jnp.issubdtype(dtype, jnp.complexfloating):
         dtype = jnp.finfo(dtype).dtype
-    elif not real and jnp.issubdtype(param.dtype, jnp.complexfloating):
+    elif not real and jnp.issubdtype(param_dtype, jnp.complexfloating):
         # A complex first moment keeps its imaginary part: the smallest complex dtype that holds
         # the spec (bfloat16, float16 or float32 -> complex64; float64 -> complex128).
         dtype = complex_dtype(compute_dtype(dtype))

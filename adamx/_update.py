@@ -13,6 +13,7 @@ from adamx._checks import (
     check_learning_rate,
     check_non_negative,
     check_same_structure,
+    concrete_float,
 )
 from adamx._state import AdamState
 
@@ -65,7 +66,7 @@ def _scalars(dtype, t, *, b1, b2, eps, eps_root, weight_decay, rule):
 def _leaf_update(g, mu, nu, nu_max, p, decay, scale, s, rule):
     """One leaf of Adam, in the compute dtype; returns (update, mu, nu, nu_max) as stored."""
     real = s["b1"].dtype
-    g = g.astype(_numerics.complex_dtype(real) if jnp.iscomplexobj(g) else real)
+    g = jnp.asarray(g, _numerics.complex_dtype(real) if jnp.iscomplexobj(g) else real)
     if rule.maximize:
         g = -g
     m = _storage.load(mu, g.dtype)
@@ -111,7 +112,7 @@ def _leaf_update(g, mu, nu, nu_max, p, decay, scale, s, rule):
 
 def _decay_flags(fn, treedef, grads, params, weight_decay, mask):
     """Per-leaf booleans: which leaves get weight decay."""
-    if isinstance(weight_decay, (int, float)) and weight_decay == 0:
+    if concrete_float(fn, "weight_decay", weight_decay) == 0:
         return [False] * treedef.num_leaves
     if params is None:
         raise ValueError(
@@ -149,6 +150,12 @@ def apply_rule(
     Returns:
       ``(updates, new_state)``.
     """
+    if rule.max_bias_corrected and state.nu_max is None:
+        raise ValueError(
+            f"{fn}: max_bias_corrected=True needs an AMSGrad state (adamx.init(..., amsgrad=True))"
+        )
+    if rule.infinity_norm and state.nu_max is not None:
+        raise ValueError(f"{fn}: AdaMax keeps no nu_max, but the state has one (amsgrad=True)")
     g_leaves, mu_leaves, treedef = check_same_structure(
         fn, grads, state.mu, is_leaf=_storage.is_moment_leaf
     )

@@ -41,7 +41,7 @@ def test_dtypes_stay_fixed_and_track_the_reference(dtype, mu_dtype, nu_dtype):
     want_mu = dtype if mu_dtype is None else mu_dtype
     if dtype == jnp.complex64:
         want_mu = jnp.complex64  # a complex first moment keeps its imaginary part
-    want_nu = real if nu_dtype is None else nu_dtype
+    want_nu = nu_dtype or (jnp.float32 if dtype in (jnp.float16, jnp.bfloat16) else real)
     step = jax.jit(tx.update)
     for g in grads:
         updates, state = step(jnp.asarray(g, dtype), state)
@@ -88,3 +88,21 @@ def test_update_is_clean_under_strict_dtype_promotion():
     with jax.numpy_dtype_promotion("strict"):
         for tx in (adamx.adamw(1e-3), adamx.amsgrad(1e-3), adamx.nadam(1e-3), adamx.adamax(1e-3)):
             tx.update(params, tx.init(params), params)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16])
+def test_default_second_moment_of_16_bit_params_is_float32_and_tracks_the_reference(dtype):
+    # In float16, (1 - b2) g^2 underflows for |g| < 1e-3; in bfloat16, 0.999 v rounds back to v.
+    g = np.full(4, 1e-4 if dtype == jnp.float16 else 1.0)
+    state = adamx.init(jnp.zeros(4, dtype))
+    assert state.nu.dtype == jnp.float32
+    for t in range(1, 301):
+        _, state = adamx.update(jnp.asarray(g * (t <= 10), dtype), state, learning_rate=1e-3)
+    want = (1 - 0.999) * np.asarray(g, np.float64) ** 2 * sum(0.999 ** (300 - t) for t in range(1, 11))
+    np.testing.assert_allclose(np.asarray(state.nu, np.float64), want, rtol=1e-2)
+
+
+def test_python_scalar_params_are_accepted():
+    state = adamx.init({"w": 1.0})
+    updates, _ = adamx.update({"w": 2.0}, state, learning_rate=0.1)
+    np.testing.assert_allclose(updates["w"], -0.1, rtol=1e-6)

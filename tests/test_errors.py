@@ -105,3 +105,21 @@ def test_optax_accepts_what_adamx_rejects():
     negative_eps = optax.adam(1e-3, b1=0.5, b2=0.5, eps=-1.0)  # b = 0.5: v_hat is exactly 1
     inf_updates, _ = negative_eps.update(g, negative_eps.init(g))
     assert np.isneginf(np.asarray(inf_updates)).all()
+
+
+def test_max_bias_corrected_without_an_amsgrad_state_is_rejected():
+    with pytest.raises(ValueError, match="max_bias_corrected=True needs an AMSGrad state"):
+        adamx.update(jnp.ones(2), adamx.init(jnp.ones(2)), learning_rate=0.1,
+                     max_bias_corrected=True)
+
+
+def test_zero_weight_decay_as_an_array_needs_no_params():
+    tx = adamx.adamw(1e-3, weight_decay=np.float32(0))
+    updates, _ = tx.update(jnp.ones(2), tx.init(jnp.ones(2)))
+    np.testing.assert_allclose(updates, -1e-3, rtol=1e-5)
+
+
+def test_node_type_mismatch_names_the_path_and_both_types():
+    state = adamx.init({"a": [jnp.ones(2), jnp.ones(3)]})
+    with pytest.raises(ValueError, match=r"node type at \['a'\]: grads have a tuple where the state has a list"):
+        adamx.update({"a": (jnp.ones(2), jnp.ones(3))}, state, learning_rate=0.1)
