@@ -121,5 +121,6 @@ def test_zero_weight_decay_as_an_array_needs_no_params():
 
 def test_node_type_mismatch_names_the_path_and_both_types():
     state = adamx.init({"a": [jnp.ones(2), jnp.ones(3)]})
-    with pytest.raises(ValueError, match=r"node type at \['a'\]: grads have a tuple where the state has a list"):
+    message = r"node type at \['a'\]: grads have a tuple where the state has a list"
+    with pytest.raises(ValueError, match=message):
         adamx.update({"a": (jnp.ones(2), jnp.ones(3))}, state, learning_rate=0.1)
