@@ -246,7 +246,7 @@ class QuantizedReference(ReferenceAdam):
         return out
 
 
-def problem(dtype=jnp.float32, steps=12, seed=0):
+def problem(dtype=jnp.float32, steps=8, seed=0):
     """A quantized leaf (72 x 64, 18 blocks) beside a small float32 one, and gradients."""
     rng = np.random.default_rng(seed)
     params = {"w": jnp.asarray(rng.normal(size=(72, 64)), dtype),
@@ -340,7 +340,7 @@ SHARDED_RUN = """
 import jax, jax.numpy as jnp, numpy as np, adamx
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 from tests.test_quantize import problem
-params, grads = problem(steps=3)
+params, grads = problem(steps=2)
 params["odd"] = jnp.ones((5000, 3))  # 15,000 elements: blocks straddle the shards
 grads = [dict(g, odd=jnp.full((5000, 3), 0.1 * i)) for i, g in enumerate(grads)]
 tx = adamx.adam(1e-2, mu_dtype="int8", nu_dtype="int8")
