@@ -11,7 +11,7 @@ Example:
   Array([0.99, 1.99], dtype=float32)
 """
 
-from adamx._quantize import Int8Spec, Quantized, int8_moments
+from adamx._quantize import Int8Spec, Quantized, dequantize, int8_moments, quantize
 from adamx._sharding import zero1_shardings
 from adamx._state import AdamState, init
 from adamx._transforms import adam, adamax, adamw, amsgrad, nadam, nadamw, scale_by_adam
@@ -27,10 +27,12 @@ __all__ = [
     "adamax",
     "adamw",
     "amsgrad",
+    "dequantize",
     "init",
     "int8_moments",
     "nadam",
     "nadamw",
+    "quantize",
     "scale_by_adam",
     "update",
     "zero1_shardings",
