@@ -63,19 +63,25 @@ def _scalars(dtype, t, *, b1, b2, eps, eps_root, weight_decay, rule):
     return {k: jnp.asarray(v, dtype) for k, v in s.items()}
 
 
-def _leaf_update(g, mu, nu, nu_max, p, decay, scale, s, rule):
-    """One leaf of Adam, in the compute dtype; returns (update, mu, nu, nu_max) as stored."""
+def _leaf_update(g, mu, nu, nu_max, p, decay, scale, s, rule, moments=None):
+    """One leaf of Adam, in the compute dtype; returns (update, mu, nu, nu_max) as stored.
+
+    ``moments``: this step's float32 (m, v) when the CPU kernel has already computed them.
+    """
     real = s["b1"].dtype
     g = jnp.asarray(g, _numerics.complex_dtype(real) if jnp.iscomplexobj(g) else real)
     if rule.maximize:
         g = -g
-    m = _storage.load(mu, g.dtype)
-    v = _storage.load(nu, real)
-    m = s["omb1"].astype(g.dtype) * g + s["b1"].astype(g.dtype) * m
-    if rule.infinity_norm:
-        v = jnp.maximum(jnp.abs(g) + s["eps"], s["b2"] * v)
+    if moments is not None:
+        m, v = moments
     else:
-        v = s["omb2"] * _numerics.abs_sq(g) + s["b2"] * v
+        m = _storage.load(mu, g.dtype)
+        v = _storage.load(nu, real)
+        m = s["omb1"].astype(g.dtype) * g + s["b1"].astype(g.dtype) * m
+        if rule.infinity_norm:
+            v = jnp.maximum(jnp.abs(g) + s["eps"], s["b2"] * v)
+        else:
+            v = s["omb2"] * _numerics.abs_sq(g) + s["b2"] * v
 
     if rule.nesterov:
         m_hat = (s["b1"] / s["bc1_next"]).astype(g.dtype) * m + (s["omb1"] / s["bc1"]).astype(
@@ -143,8 +149,8 @@ def apply_rule(
     Args:
       fn: The public name used in error messages.
       scale: Multiplies the final update (``-learning_rate``), or None to return the direction.
-      kernel: Let float32 leaves go through the one-call CPU kernel of ``adamx._fused`` (the same
-        math in one pass per leaf) where it applies; False keeps every leaf on the JAX code below.
+      kernel: Let the CPU kernel of ``adamx._fused`` update the moments of float32 leaves (the
+        same math, one pass over many leaves) where it applies; False keeps all in JAX.
       (the rest: see :func:`update`)
 
     Returns:
@@ -172,17 +178,13 @@ def apply_rule(
     if kernel:
         from adamx import _fused  # imported here: _fused builds on this module
 
-        done = _fused.kernel_updates(
-            g_leaves, mu_leaves, nu_leaves, max_leaves, p_leaves, decay, count, scale=scale,
-            b1=b1, b2=b2, eps=eps, eps_root=eps_root, weight_decay=weight_decay, rule=rule,
+        done = _fused.kernel_moments(
+            g_leaves, mu_leaves, nu_leaves, max_leaves, count, b1=b1, b2=b2, rule=rule
         )
     scalars = {}
     outputs = []
     leaves = zip(g_leaves, mu_leaves, nu_leaves, max_leaves, p_leaves, decay)
     for k, (g, mu, nu, nu_max, p, d) in enumerate(leaves):
-        if k in done:
-            outputs.append(done[k])
-            continue
         dtype = _numerics.compute_dtype(jnp.result_type(g))
         if dtype not in scalars:
             scalars[dtype] = _scalars(
@@ -190,7 +192,9 @@ def apply_rule(
                 weight_decay=weight_decay, rule=rule,
             )
         leaf_scale = None if scale is None else jnp.asarray(scale, dtype)
-        u, mu, nu, nu_max = _leaf_update(g, mu, nu, nu_max, p, d, leaf_scale, scalars[dtype], rule)
+        u, mu, nu, nu_max = _leaf_update(
+            g, mu, nu, nu_max, p, d, leaf_scale, scalars[dtype], rule, moments=done.get(k)
+        )
         outputs.append((u.astype(jnp.result_type(g)), mu, nu, nu_max))
 
     def rebuild(i):

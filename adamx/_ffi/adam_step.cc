@@ -1,8 +1,8 @@
 // One Adam step over every float32 leaf of a pytree in a single XLA:CPU custom call.
 //
 // Operands: a float32 vector of step scalars (see kScale..kNesterovG below), then for each leaf
-// its param, grad, first moment and second moment. Results: for each leaf its new param (or,
-// with kUpdate, its update), first moment and second moment; the caller aliases them to the
+// its param, grad, first moment and second moment. Results: for each leaf its new param, first
+// moment and second moment (with kMoments, only the two moments); the caller aliases them to the
 // operands so the step runs in place.
 // The arithmetic is the per-element sequence of adamx/_update.py, operation for operation in
 // float32, with division by a bias correction done as multiplication by its reciprocal (as
@@ -27,9 +27,9 @@ enum Scalar {
   kScale, kB1, kOmb1, kB2, kOmb2, kEps, kEpsRoot, kWeightDecay, kInvBc1, kInvBc2, kStepScale,
   kNesterovM, kNesterovG, kNumScalars
 };
-// kUpdate: write the update (-lr times the direction) instead of the new param, for the Optax
-// protocol, where optax.apply_updates adds it; the param operand is then read only for decay.
-enum Flag { kMaximize = 1, kEpsHat = 2, kNesterov = 4, kUpdate = 8 };
+// kMoments: update only the moments (the param operand is not read), for the Optax protocol,
+// where XLA fuses the rest of the update into optax.apply_updates' add.
+enum Flag { kMaximize = 1, kEpsHat = 2, kNesterov = 4, kMoments = 8 };
 
 using ScalarBuffer = ffi::Buffer<ffi::F32, 1>;
 
@@ -56,7 +56,7 @@ struct Work {
   std::atomic<int64_t> done{0};
 };
 
-template <bool kUpd, bool kMax, bool kHat, bool kNes, bool kDecay>
+template <bool kMom, bool kMax, bool kHat, bool kNes, bool kDecay>
 void Kernel(const Leaf& l, int64_t lo, int64_t hi, const float* s) {
   const float scale = s[kScale], b1 = s[kB1], omb1 = s[kOmb1], b2 = s[kB2], omb2 = s[kOmb2];
   const float eps = s[kEps], eps_root = s[kEpsRoot], wd = s[kWeightDecay];
@@ -68,9 +68,12 @@ void Kernel(const Leaf& l, int64_t lo, int64_t hi, const float* s) {
 #pragma GCC ivdep
   for (int64_t i = lo; i < hi; ++i) {
     const float g = kMax ? -g_in[i] : g_in[i];
-    const float p = (kDecay || !kUpd) ? p_in[i] : 0.0f;
     const float m = omb1 * g + b1 * m_in[i];
     const float v = omb2 * (g * g) + b2 * v_in[i];
+    m_out[i] = m;
+    v_out[i] = v;
+    if (kMom) continue;
+    const float p = p_in[i];
     const float m_hat = kNes ? nes_m * m + nes_g * g : m * inv_bc1;
     float direction;
     if (kHat) {
@@ -79,38 +82,30 @@ void Kernel(const Leaf& l, int64_t lo, int64_t hi, const float* s) {
       direction = m_hat / (std::sqrt(v * inv_bc2 + eps_root) + eps);
     }
     if (kDecay) direction = direction + wd * p;
-    m_out[i] = m;
-    v_out[i] = v;
-    p_out[i] = kUpd ? scale * direction : p + scale * direction;
+    p_out[i] = p + scale * direction;
   }
 }
 
 using KernelFn = void (*)(const Leaf&, int64_t, int64_t, const float*);
 
-template <bool kUpd, bool kMax, bool kHat, bool kNes>
-KernelFn Pick4(bool decay) {
-  return decay ? Kernel<kUpd, kMax, kHat, kNes, true> : Kernel<kUpd, kMax, kHat, kNes, false>;
+template <bool kMax, bool kHat, bool kNes>
+KernelFn Pick3(bool decay) {
+  return decay ? Kernel<false, kMax, kHat, kNes, true> : Kernel<false, kMax, kHat, kNes, false>;
 }
 
-template <bool kUpd, bool kMax, bool kHat>
-KernelFn Pick3(int64_t flags, bool decay) {
-  return (flags & kNesterov) ? Pick4<kUpd, kMax, kHat, true>(decay)
-                             : Pick4<kUpd, kMax, kHat, false>(decay);
-}
-
-template <bool kUpd, bool kMax>
+template <bool kMax, bool kHat>
 KernelFn Pick2(int64_t flags, bool decay) {
-  return (flags & kEpsHat) ? Pick3<kUpd, kMax, true>(flags, decay)
-                           : Pick3<kUpd, kMax, false>(flags, decay);
+  return (flags & kNesterov) ? Pick3<kMax, kHat, true>(decay) : Pick3<kMax, kHat, false>(decay);
 }
 
-template <bool kUpd>
+template <bool kMax>
 KernelFn Pick1(int64_t flags, bool decay) {
-  return (flags & kMaximize) ? Pick2<kUpd, true>(flags, decay) : Pick2<kUpd, false>(flags, decay);
+  if (flags & kMoments) return Kernel<true, kMax, false, false, false>;
+  return (flags & kEpsHat) ? Pick2<kMax, true>(flags, decay) : Pick2<kMax, false>(flags, decay);
 }
 
 KernelFn Pick(int64_t flags, bool decay) {
-  return (flags & kUpdate) ? Pick1<true>(flags, decay) : Pick1<false>(flags, decay);
+  return (flags & kMaximize) ? Pick1<true>(flags, decay) : Pick1<false>(flags, decay);
 }
 
 // Runs global elements [lo, hi), which may span several leaves.
@@ -145,7 +140,8 @@ ffi::Error AdamStepImpl(ffi::ThreadPool pool, ScalarBuffer scalars,
     return ffi::Error::InvalidArgument("adamx adam_step: wrong number of step scalars");
   }
   const size_t n = decay.size();
-  if (args.size() != 4 * n || rets.size() != 3 * n) {
+  const size_t per_leaf = (flags & kMoments) ? 2 : 3;
+  if (args.size() != 4 * n || rets.size() != per_leaf * n) {
     return ffi::Error::InvalidArgument("adamx adam_step: operands do not match the leaf count");
   }
   auto w = std::make_shared<Work>();
@@ -159,9 +155,10 @@ ffi::Error AdamStepImpl(ffi::ThreadPool pool, ScalarBuffer scalars,
     auto g = args.get<ffi::AnyBuffer>(4 * k + 1);
     auto m = args.get<ffi::AnyBuffer>(4 * k + 2);
     auto v = args.get<ffi::AnyBuffer>(4 * k + 3);
-    auto po = rets.get<ffi::AnyBuffer>(3 * k);
-    auto mo = rets.get<ffi::AnyBuffer>(3 * k + 1);
-    auto vo = rets.get<ffi::AnyBuffer>(3 * k + 2);
+    // With kMoments the param result is absent; the m result stands in and is never written.
+    auto po = rets.get<ffi::AnyBuffer>(per_leaf * k);
+    auto mo = rets.get<ffi::AnyBuffer>(per_leaf * k + per_leaf - 2);
+    auto vo = rets.get<ffi::AnyBuffer>(per_leaf * k + per_leaf - 1);
     if (!p || !g || !m || !v || !po || !mo || !vo) {
       return ffi::Error::InvalidArgument("adamx adam_step: could not decode a buffer");
     }
