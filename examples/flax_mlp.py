@@ -219,8 +219,10 @@ def train(data, config, epochs, checkpoint_dir=None, resume=False, quiet=False, 
             history[key].append(float(metrics[key]))
         say(epoch_line(num_batches, epoch_times[-1], metrics))
         if checkpoints:
+            # orbax writes in the background: hand it a snapshot, not the lists we keep appending to.
+            snapshot = {key: list(values) for key, values in history.items()}
             checkpoints.save(epoch + 1, state, rng,
-                             {"epoch": epoch + 1, "history": history, "config": config})
+                             {"epoch": epoch + 1, "history": snapshot, "config": dict(config)})
     if checkpoints:
         checkpoints.close()
     steady = epoch_times[1:] or epoch_times

@@ -19,7 +19,7 @@ keras = pytest.importorskip(
 
 import adamx  # noqa: E402
 
-from ._keras_example import data, jax_run, keras_run, loss_error, weight_error  # noqa: E402
+from ._keras_example import data, jax_run, keras_run, loss_error  # noqa: E402
 
 
 @pytest.fixture(scope="module")
