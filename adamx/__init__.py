@@ -11,6 +11,7 @@ Example:
   Array([0.99, 1.99], dtype=float32)
 """
 
+from adamx._fused import apply, kernel_available
 from adamx._quantize import Int8Spec, Quantized, dequantize, int8_moments, quantize
 from adamx._sharding import zero1_shardings
 from adamx._state import AdamState, init
@@ -27,9 +28,11 @@ __all__ = [
     "adamax",
     "adamw",
     "amsgrad",
+    "apply",
     "dequantize",
     "init",
     "int8_moments",
+    "kernel_available",
     "nadam",
     "nadamw",
     "quantize",

@@ -3,27 +3,31 @@
 XLA:CPU makes one loop fusion (one dispatch) per output array, so an Adam step costs three per
 leaf: 40 bytes per parameter, and thousands of dispatches for a model with many leaves. The kernel
 (``adamx/_ffi/adam_step.cc``, an XLA FFI custom call) does the same math in one multithreaded pass
-over all float32 leaves, with the moments updated in place. It has two users:
+over all float32 leaves, params and moments updated in place: :func:`apply` returns new params
+and state at 28 bytes/param.
 
-- :func:`apply` returns new params and state (params updated in place too): 28 bytes/param.
-- the Optax protocol (``adamx.update`` and the factories): the kernel writes the updates, which
-  ``optax.apply_updates`` adds (one fusion per leaf): 36 bytes/param.
-
-The kernel runs when the process's default backend is CPU and the leaves are float32 arrays
-without AMSGrad or Adamax; every other case (GPU, TPU, other dtypes, no C++ compiler) runs the
-plain JAX path of ``adamx/_update.py``, which is the tests' oracle. Results agree with it to
-float32 rounding (an ulp here and there, from where each compiler forms FMAs).
+The kernel runs when the process's default backend is CPU with a single device, and the leaves
+are float32 arrays without AMSGrad or Adamax; every other case (GPU, TPU, several devices, other
+dtypes, no C++ compiler) runs the plain JAX path of ``adamx/_update.py``, which is the tests'
+oracle. The Optax protocol (``adamx.update`` and the factories) always runs the plain path: it
+stays differentiable, shardable and vectorizable, and the kernel saved it only 10% of its bytes.
+The kernel has no derivative rule, so differentiate through :func:`adamx.update`, not ``apply``.
+Results agree with the plain path to float32 rounding (an ulp here and there, from where each
+compiler forms FMAs).
 
 The kernel is compiled with the machine's ``g++`` (or ``$CXX``) on first use into a cache
 directory (``$ADAMX_CACHE_DIR``, else ``$XDG_CACHE_HOME/adamx``, else ``~/.cache/adamx``),
-keyed by a hash of its source, the compiler flags and the FFI headers. Nothing is compiled at
-install or import time; ``ADAMX_DISABLE_KERNEL=1`` keeps everything on the plain JAX path.
+keyed by a hash of its source, the compiler flags, the FFI headers and the host CPU (the build
+uses ``-march=native``, so a cache shared with an older CPU must not load it). Nothing is
+compiled at install or import time; ``ADAMX_DISABLE_KERNEL=1`` keeps everything on the plain JAX
+path.
 """
 
 import ctypes
 import functools
 import hashlib
 import os
+import platform
 import shutil
 import subprocess
 import tempfile
@@ -39,12 +43,12 @@ from adamx._checks import check_bool, check_learning_rate, check_same_structure
 from adamx._state import AdamState
 from adamx._update import (
     Rule,
-    _decay_flags,
-    _scalars,
     apply_rule,
     check_hyperparams,
     check_rule,
+    decay_flags,
     resolve_learning_rate,
+    step_scalars,
 )
 
 _SOURCE = Path(__file__).parent / "_ffi" / "adam_step.cc"
@@ -55,7 +59,7 @@ _FLAGS = ("-O3", "-march=native", "-ffp-contract=fast", "-fno-math-errno", "-std
 # Order of the kernel's step-scalar vector (enum Scalar in adam_step.cc).
 _SCALAR_ORDER = ("scale", "b1", "omb1", "b2", "omb2", "eps", "eps_root", "weight_decay",
                  "inv_bc1", "inv_bc2", "step_scale", "nesterov_m", "nesterov_g")
-_MAXIMIZE, _EPS_HAT, _NESTEROV, _MOMENTS = 1, 2, 4, 8
+_MAXIMIZE, _EPS_HAT, _NESTEROV = 1, 2, 4
 # Elements per work item handed to a thread: large enough to amortize scheduling.
 _CHUNK = 1 << 16
 # Leaves per custom call: XLA's compile time grows faster than linearly in the aliased operands
@@ -70,11 +74,22 @@ def _cache_dir():
     return Path(base) / "adamx"
 
 
+def _host_cpu():
+    """The machine and its instruction-set flags, for the cache key of a -march=native build."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith(("flags", "Features"))), "")
+    except OSError:
+        flags = ""
+    return f"{platform.machine()} {platform.processor()} {flags}"
+
+
 def _build(cxx):
     """Compiles the kernel into the cache (once per source, flags and jaxlib); returns its path."""
     key = hashlib.sha256()
     key.update(_SOURCE.read_bytes())
     key.update(" ".join((cxx,) + _FLAGS).encode())
+    key.update(_host_cpu().encode())
     for header in sorted(Path(jax.ffi.include_dir()).rglob("*.h")):
         key.update(header.read_bytes())
     lib = _cache_dir() / f"adam_step_{key.hexdigest()[:16]}.so"
@@ -92,7 +107,7 @@ def _build(cxx):
 @functools.lru_cache(maxsize=None)
 def _kernel_status():
     """(True, "") once the kernel is built and registered for CPU, else (False, the reason)."""
-    if os.environ.get("ADAMX_DISABLE_KERNEL"):
+    if os.environ.get("ADAMX_DISABLE_KERNEL", "").lower() in ("1", "true", "yes"):
         return False, "ADAMX_DISABLE_KERNEL is set"
     cxx = os.environ.get("CXX", "g++")
     if shutil.which(cxx) is None:
@@ -115,8 +130,8 @@ def kernel_available():
       before the first call to keep :func:`apply` on the plain JAX path.
 
     Example:
-      >>> from adamx._fused import kernel_available  # exported as adamx.kernel_available
-      >>> isinstance(kernel_available(), bool)
+      >>> import adamx
+      >>> isinstance(adamx.kernel_available(), bool)
       True
     """
     return _kernel_status()[0]
@@ -129,6 +144,9 @@ def _kernel_here():
     """
     if jax.default_backend() != "cpu":
         return False, f"the default backend is {jax.default_backend()}, not cpu"
+    if jax.device_count() > 1:
+        # The custom call has no sharding rule: XLA would gather every sharded leaf around it.
+        return False, f"{jax.device_count()} devices: the kernel has no sharding rule"
     return _kernel_status()
 
 
@@ -148,51 +166,40 @@ def _unsupported(g_leaves, mu_leaves, nu_leaves, p_leaves, state, rule):
     return None
 
 
-def _kernel_step(g_leaves, mu_leaves, nu_leaves, p_leaves, decay, scalars, rule,
-                 moments_only=False):
+def _kernel_step(g_leaves, mu_leaves, nu_leaves, p_leaves, decay, scalars, rule):
     """Runs the custom calls (leaves of any shape); returns flat lists (params, mu, nu).
 
-    With ``moments_only`` only the moments are updated (``p_leaves`` may be None and the params
-    list comes back as it went in). Empty leaves have nothing to update and are passed through
-    without entering a call.
+    Empty leaves have nothing to update and are passed through without entering a call.
     """
     live = [k for k, g in enumerate(g_leaves) if np.size(g)]
     new_p, new_mu, new_nu = list(p_leaves), list(mu_leaves), list(nu_leaves)
-    per_leaf = 2 if moments_only else 3
     flags = ((_MAXIMIZE if rule.maximize else 0) | (_EPS_HAT if rule.eps_hat else 0)
-             | (_NESTEROV if rule.nesterov else 0) | (_MOMENTS if moments_only else 0))
+             | (_NESTEROV if rule.nesterov else 0))
     for start in range(0, len(live), _GROUP):
         group = live[start:start + _GROUP]
         operands = [scalars]
         for k in group:
-            # The moments-only kernel never reads the param operand; the grad stands in.
-            p = g_leaves[k] if moments_only else p_leaves[k]
-            operands += [p, g_leaves[k], mu_leaves[k], nu_leaves[k]]
+            operands += [p_leaves[k], g_leaves[k], mu_leaves[k], nu_leaves[k]]
         result_types = [jax.ShapeDtypeStruct(np.shape(g_leaves[k]), jnp.float32)
-                        for k in group for _ in range(per_leaf)]
-        # Operands 1 + 4j (param, unless moments only), 3 + 4j (mu) and 4 + 4j (nu) are updated
-        # in place as the leaf's results, in that order.
+                        for k in group for _ in range(3)]
+        # Operands 1 + 4j (param), 3 + 4j (mu) and 4 + 4j (nu) are updated in place as the
+        # leaf's results 3j, 3j + 1 and 3j + 2.
         aliases = {}
         for j in range(len(group)):
-            first = per_leaf * j
-            aliases.update({3 + 4 * j: first + per_leaf - 2, 4 + 4 * j: first + per_leaf - 1})
-            if not moments_only:
-                aliases[1 + 4 * j] = first
+            aliases.update({1 + 4 * j: 3 * j, 3 + 4 * j: 3 * j + 1, 4 + 4 * j: 3 * j + 2})
         call = jax.ffi.ffi_call(_TARGET, result_types, input_output_aliases=aliases,
                                 vmap_method="sequential")
         out = call(*operands, flags=np.int64(flags),
                    decay=np.asarray([decay[k] for k in group], np.int32), chunk=np.int64(_CHUNK))
         for j, k in enumerate(group):
-            if not moments_only:
-                new_p[k] = out[per_leaf * j]
-            new_mu[k], new_nu[k] = out[per_leaf * j + per_leaf - 2: per_leaf * (j + 1)]
+            new_p[k], new_mu[k], new_nu[k] = out[3 * j: 3 * j + 3]
     return new_p, new_mu, new_nu
 
 
-def _step_scalars(count, scale, *, b1, b2, eps, eps_root, weight_decay, rule):
+def _kernel_scalars(count, scale, *, b1, b2, eps, eps_root, weight_decay, rule):
     """The kernel's float32 scalar vector, computed exactly as the plain path computes them."""
-    s = _scalars(jnp.float32, count, b1=b1, b2=b2, eps=eps, eps_root=eps_root,
-                 weight_decay=weight_decay, rule=rule)
+    s = step_scalars(jnp.float32, count, b1=b1, b2=b2, eps=eps, eps_root=eps_root,
+                     weight_decay=weight_decay, rule=rule)
     # scale None (scale_by_adam) returns the direction itself: times 1 is exact.
     s["scale"] = jnp.asarray(1.0 if scale is None else scale, jnp.float32)
     one = jnp.ones([], jnp.float32)
@@ -205,33 +212,6 @@ def _step_scalars(count, scale, *, b1, b2, eps, eps_root, weight_decay, rule):
         s["nesterov_m"] = s["b1"] / s["bc1_next"]
         s["nesterov_g"] = s["omb1"] / s["bc1"]
     return jnp.stack([jnp.asarray(s.get(k, one), jnp.float32) for k in _SCALAR_ORDER])
-
-
-def kernel_moments(g_leaves, mu_leaves, nu_leaves, max_leaves, count, *, b1, b2, rule):
-    """The Optax-protocol step's kernel part: the new moments of the leaves it can handle.
-
-    Called by :func:`adamx._update.apply_rule` with its flat leaf lists. On CPU, every leaf whose
-    grad and moments are float32 arrays, without AMSGrad or Adamax, goes into one custom call
-    per 64 leaves that reads g, m, v once and writes m, v in place (20 bytes per parameter); the
-    rest of the update stays in JAX, where XLA fuses it into ``optax.apply_updates``' add
-    (16 bytes per parameter, one fusion per leaf), instead of three loop fusions per leaf.
-
-    Returns:
-      ``{leaf index: (mu, nu)}``; empty when the kernel does not apply here.
-    """
-    if rule.infinity_norm or not _kernel_here()[0]:
-        return {}
-    picked = [k for k, (g, m, v, vm) in enumerate(zip(g_leaves, mu_leaves, nu_leaves, max_leaves))
-              if vm is None and _is_f32(g) and _is_f32(m) and _is_f32(v)]
-    if not picked:
-        return {}
-    scalars = _step_scalars(count, None, b1=b1, b2=b2, eps=0.0, eps_root=0.0, weight_decay=0.0,
-                            rule=rule)
-    _, new_mu, new_nu = _kernel_step(
-        [g_leaves[k] for k in picked], [mu_leaves[k] for k in picked],
-        [nu_leaves[k] for k in picked], [None] * len(picked), [False] * len(picked), scalars,
-        rule, moments_only=True)
-    return {k: moments for k, *moments in zip(picked, new_mu, new_nu)}
 
 
 def apply(
@@ -283,10 +263,9 @@ def apply(
 
     Example:
       >>> import jax, jax.numpy as jnp, adamx
-      >>> from adamx._fused import apply  # exported as adamx.apply
       >>> params = {"w": jnp.array([1.0, -2.0])}
       >>> state = adamx.init(params)
-      >>> step = jax.jit(lambda p, s, g: apply(g, s, p, learning_rate=0.1),
+      >>> step = jax.jit(lambda p, s, g: adamx.apply(g, s, p, learning_rate=0.1),
       ...                donate_argnums=(0, 1))
       >>> params, state = step(params, state, {"w": jnp.array([0.5, -0.5])})
       >>> params["w"]
@@ -305,9 +284,8 @@ def apply(
     hyper = dict(b1=b1, b2=b2, eps=eps, eps_root=eps_root, weight_decay=weight_decay)
 
     def plain():
-        updates, new_state = apply_rule(
-            fn, grads, state, params, scale=-lr, mask=mask, rule=rule, kernel=fused is not False,
-            **hyper)
+        updates, new_state = apply_rule(fn, grads, state, params, scale=-lr, mask=mask, rule=rule,
+                                        **hyper)
         return optax.apply_updates(params, updates), new_state
 
     if fused is False:
@@ -323,9 +301,9 @@ def apply(
         if fused:
             raise RuntimeError(f"{fn}: fused=True but the kernel cannot run: {why or 'no leaves'}")
         return plain()
-    decay = _decay_flags(fn, treedef, grads, params, weight_decay, mask)
+    decay = decay_flags(fn, treedef, grads, params, weight_decay, mask)
     count = _numerics.safe_increment(state.count)
-    scalars = _step_scalars(count, -lr, rule=rule, **hyper)
+    scalars = _kernel_scalars(count, -lr, rule=rule, **hyper)
     new_p, new_mu, new_nu = _kernel_step(g_leaves, mu_leaves, nu_leaves, p_leaves, decay,
                                          scalars, rule)
     new_state = state.replace(count=count, mu=treedef.unflatten(new_mu),

@@ -45,7 +45,7 @@ def check_hyperparams(fn, *, b1, b2, eps, eps_root=0.0, weight_decay=0.0):
     check_non_negative(fn, eps=eps, eps_root=eps_root, weight_decay=weight_decay)
 
 
-def _scalars(dtype, t, *, b1, b2, eps, eps_root, weight_decay, rule):
+def step_scalars(dtype, t, *, b1, b2, eps, eps_root, weight_decay, rule):
     """Per-dtype scalars, computed once per step rather than once per leaf."""
     omb1, omb2 = _numerics.one_minus(b1), _numerics.one_minus(b2)
     s = {
@@ -63,25 +63,19 @@ def _scalars(dtype, t, *, b1, b2, eps, eps_root, weight_decay, rule):
     return {k: jnp.asarray(v, dtype) for k, v in s.items()}
 
 
-def _leaf_update(g, mu, nu, nu_max, p, decay, scale, s, rule, moments=None):
-    """One leaf of Adam, in the compute dtype; returns (update, mu, nu, nu_max) as stored.
-
-    ``moments``: this step's float32 (m, v) when the CPU kernel has already computed them.
-    """
+def _leaf_update(g, mu, nu, nu_max, p, decay, scale, s, rule):
+    """One leaf of Adam, in the compute dtype; returns (update, mu, nu, nu_max) as stored."""
     real = s["b1"].dtype
     g = jnp.asarray(g, _numerics.complex_dtype(real) if jnp.iscomplexobj(g) else real)
     if rule.maximize:
         g = -g
-    if moments is not None:
-        m, v = moments
+    m = _storage.load(mu, g.dtype)
+    v = _storage.load(nu, real)
+    m = s["omb1"].astype(g.dtype) * g + s["b1"].astype(g.dtype) * m
+    if rule.infinity_norm:
+        v = jnp.maximum(jnp.abs(g) + s["eps"], s["b2"] * v)
     else:
-        m = _storage.load(mu, g.dtype)
-        v = _storage.load(nu, real)
-        m = s["omb1"].astype(g.dtype) * g + s["b1"].astype(g.dtype) * m
-        if rule.infinity_norm:
-            v = jnp.maximum(jnp.abs(g) + s["eps"], s["b2"] * v)
-        else:
-            v = s["omb2"] * _numerics.abs_sq(g) + s["b2"] * v
+        v = s["omb2"] * _numerics.abs_sq(g) + s["b2"] * v
 
     if rule.nesterov:
         m_hat = (s["b1"] / s["bc1_next"]).astype(g.dtype) * m + (s["omb1"] / s["bc1"]).astype(
@@ -116,7 +110,7 @@ def _leaf_update(g, mu, nu, nu_max, p, decay, scale, s, rule, moments=None):
     return direction, _storage.store(m, mu), _storage.store(v, nu), stored_max
 
 
-def _decay_flags(fn, treedef, grads, params, weight_decay, mask):
+def decay_flags(fn, treedef, grads, params, weight_decay, mask):
     """Per-leaf booleans: which leaves get weight decay."""
     if concrete_float(fn, "weight_decay", weight_decay) == 0:
         return [False] * treedef.num_leaves
@@ -141,16 +135,13 @@ def _decay_flags(fn, treedef, grads, params, weight_decay, mask):
 
 
 def apply_rule(
-    fn, grads, state, params, *, scale, b1, b2, eps, eps_root, weight_decay, mask, rule,
-    kernel=True,
+    fn, grads, state, params, *, scale, b1, b2, eps, eps_root, weight_decay, mask, rule
 ):
     """The single implementation behind :func:`update` and every optax factory.
 
     Args:
       fn: The public name used in error messages.
       scale: Multiplies the final update (``-learning_rate``), or None to return the direction.
-      kernel: Let the CPU kernel of ``adamx._fused`` update the moments of float32 leaves (the
-        same math, one pass over many leaves) where it applies; False keeps all in JAX.
       (the rest: see :func:`update`)
 
     Returns:
@@ -170,31 +161,22 @@ def apply_rule(
         max_leaves = [None] * len(g_leaves)
     else:
         max_leaves = jax.tree.leaves(state.nu_max, is_leaf=_storage.is_moment_leaf)
-    decay = _decay_flags(fn, treedef, grads, params, weight_decay, mask)
+    decay = decay_flags(fn, treedef, grads, params, weight_decay, mask)
     p_leaves = treedef.flatten_up_to(params) if any(decay) else [None] * len(g_leaves)
 
     count = _numerics.safe_increment(state.count)
-    done = {}
-    if kernel:
-        from adamx import _fused  # imported here: _fused builds on this module
-
-        done = _fused.kernel_moments(
-            g_leaves, mu_leaves, nu_leaves, max_leaves, count, b1=b1, b2=b2, rule=rule
-        )
     scalars = {}
     outputs = []
     leaves = zip(g_leaves, mu_leaves, nu_leaves, max_leaves, p_leaves, decay)
-    for k, (g, mu, nu, nu_max, p, d) in enumerate(leaves):
+    for g, mu, nu, nu_max, p, d in leaves:
         dtype = _numerics.compute_dtype(jnp.result_type(g))
         if dtype not in scalars:
-            scalars[dtype] = _scalars(
+            scalars[dtype] = step_scalars(
                 dtype, count, b1=b1, b2=b2, eps=eps, eps_root=eps_root,
                 weight_decay=weight_decay, rule=rule,
             )
         leaf_scale = None if scale is None else jnp.asarray(scale, dtype)
-        u, mu, nu, nu_max = _leaf_update(
-            g, mu, nu, nu_max, p, d, leaf_scale, scalars[dtype], rule, moments=done.get(k)
-        )
+        u, mu, nu, nu_max = _leaf_update(g, mu, nu, nu_max, p, d, leaf_scale, scalars[dtype], rule)
         outputs.append((u.astype(jnp.result_type(g)), mu, nu, nu_max))
 
     def rebuild(i):

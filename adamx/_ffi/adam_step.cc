@@ -2,8 +2,7 @@
 //
 // Operands: a float32 vector of step scalars (see kScale..kNesterovG below), then for each leaf
 // its param, grad, first moment and second moment. Results: for each leaf its new param, first
-// moment and second moment (with kMoments, only the two moments); the caller aliases them to the
-// operands so the step runs in place.
+// moment and second moment; the caller aliases them to the operands so the step runs in place.
 // The arithmetic is the per-element sequence of adamx/_update.py, operation for operation in
 // float32, with division by a bias correction done as multiplication by its reciprocal (as
 // XLA's algebraic simplifier rewrites the plain path). Results agree with the plain path to a
@@ -27,9 +26,7 @@ enum Scalar {
   kScale, kB1, kOmb1, kB2, kOmb2, kEps, kEpsRoot, kWeightDecay, kInvBc1, kInvBc2, kStepScale,
   kNesterovM, kNesterovG, kNumScalars
 };
-// kMoments: update only the moments (the param operand is not read), for the Optax protocol,
-// where XLA fuses the rest of the update into optax.apply_updates' add.
-enum Flag { kMaximize = 1, kEpsHat = 2, kNesterov = 4, kMoments = 8 };
+enum Flag { kMaximize = 1, kEpsHat = 2, kNesterov = 4 };
 
 using ScalarBuffer = ffi::Buffer<ffi::F32, 1>;
 
@@ -56,7 +53,7 @@ struct Work {
   std::atomic<int64_t> done{0};
 };
 
-template <bool kMom, bool kMax, bool kHat, bool kNes, bool kDecay>
+template <bool kMax, bool kHat, bool kNes, bool kDecay>
 void Kernel(const Leaf& l, int64_t lo, int64_t hi, const float* s) {
   const float scale = s[kScale], b1 = s[kB1], omb1 = s[kOmb1], b2 = s[kB2], omb2 = s[kOmb2];
   const float eps = s[kEps], eps_root = s[kEpsRoot], wd = s[kWeightDecay];
@@ -72,7 +69,6 @@ void Kernel(const Leaf& l, int64_t lo, int64_t hi, const float* s) {
     const float v = omb2 * (g * g) + b2 * v_in[i];
     m_out[i] = m;
     v_out[i] = v;
-    if (kMom) continue;
     const float p = p_in[i];
     const float m_hat = kNes ? nes_m * m + nes_g * g : m * inv_bc1;
     float direction;
@@ -90,7 +86,7 @@ using KernelFn = void (*)(const Leaf&, int64_t, int64_t, const float*);
 
 template <bool kMax, bool kHat, bool kNes>
 KernelFn Pick3(bool decay) {
-  return decay ? Kernel<false, kMax, kHat, kNes, true> : Kernel<false, kMax, kHat, kNes, false>;
+  return decay ? Kernel<kMax, kHat, kNes, true> : Kernel<kMax, kHat, kNes, false>;
 }
 
 template <bool kMax, bool kHat>
@@ -100,7 +96,6 @@ KernelFn Pick2(int64_t flags, bool decay) {
 
 template <bool kMax>
 KernelFn Pick1(int64_t flags, bool decay) {
-  if (flags & kMoments) return Kernel<true, kMax, false, false, false>;
   return (flags & kEpsHat) ? Pick2<kMax, true>(flags, decay) : Pick2<kMax, false>(flags, decay);
 }
 
@@ -140,8 +135,7 @@ ffi::Error AdamStepImpl(ffi::ThreadPool pool, ScalarBuffer scalars,
     return ffi::Error::InvalidArgument("adamx adam_step: wrong number of step scalars");
   }
   const size_t n = decay.size();
-  const size_t per_leaf = (flags & kMoments) ? 2 : 3;
-  if (args.size() != 4 * n || rets.size() != per_leaf * n) {
+  if (args.size() != 4 * n || rets.size() != 3 * n) {
     return ffi::Error::InvalidArgument("adamx adam_step: operands do not match the leaf count");
   }
   auto w = std::make_shared<Work>();
@@ -155,10 +149,9 @@ ffi::Error AdamStepImpl(ffi::ThreadPool pool, ScalarBuffer scalars,
     auto g = args.get<ffi::AnyBuffer>(4 * k + 1);
     auto m = args.get<ffi::AnyBuffer>(4 * k + 2);
     auto v = args.get<ffi::AnyBuffer>(4 * k + 3);
-    // With kMoments the param result is absent; the m result stands in and is never written.
-    auto po = rets.get<ffi::AnyBuffer>(per_leaf * k);
-    auto mo = rets.get<ffi::AnyBuffer>(per_leaf * k + per_leaf - 2);
-    auto vo = rets.get<ffi::AnyBuffer>(per_leaf * k + per_leaf - 1);
+    auto po = rets.get<ffi::AnyBuffer>(3 * k);
+    auto mo = rets.get<ffi::AnyBuffer>(3 * k + 1);
+    auto vo = rets.get<ffi::AnyBuffer>(3 * k + 2);
     if (!p || !g || !m || !v || !po || !mo || !vo) {
       return ffi::Error::InvalidArgument("adamx adam_step: could not decode a buffer");
     }
