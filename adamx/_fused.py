@@ -39,17 +39,8 @@ import numpy as np
 import optax
 
 from adamx import _numerics, _storage
-from adamx._checks import check_bool, check_learning_rate, check_same_structure
-from adamx._state import AdamState
-from adamx._update import (
-    Rule,
-    apply_rule,
-    check_hyperparams,
-    check_rule,
-    decay_flags,
-    resolve_learning_rate,
-    step_scalars,
-)
+from adamx._checks import check_bool, check_same_structure
+from adamx._update import Rule, apply_rule, checked_learning_rate, decay_flags, step_scalars
 
 _SOURCE = Path(__file__).parent / "_ffi" / "adam_step.cc"
 _TARGET = "adamx_adam_step_f32"
@@ -273,15 +264,10 @@ def apply(
     """
     fn = "adamx.apply"
     rule = Rule(eps_hat, maximize, nesterov)
-    check_rule(fn, rule)
     if fused is not None:
         check_bool(fn, fused=fused)
-    check_learning_rate(fn, learning_rate)
-    check_hyperparams(fn, b1=b1, b2=b2, eps=eps, eps_root=eps_root, weight_decay=weight_decay)
-    if not isinstance(state, AdamState):
-        raise TypeError(f"{fn}: state must be an adamx.AdamState, got {type(state).__name__}")
-    lr = resolve_learning_rate(learning_rate, state.count)
     hyper = dict(b1=b1, b2=b2, eps=eps, eps_root=eps_root, weight_decay=weight_decay)
+    lr = checked_learning_rate(fn, state, learning_rate, rule, **hyper)
 
     def plain():
         updates, new_state = apply_rule(fn, grads, state, params, scale=-lr, mask=mask, rule=rule,

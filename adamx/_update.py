@@ -196,6 +196,16 @@ def resolve_learning_rate(learning_rate, count):
     return learning_rate(count) if callable(learning_rate) else learning_rate
 
 
+def checked_learning_rate(fn, state, learning_rate, rule, **hyperparams):
+    """The checks of a direct call (:func:`update`, :func:`adamx.apply`); returns this step's rate."""
+    check_rule(fn, rule)
+    check_learning_rate(fn, learning_rate)
+    check_hyperparams(fn, **hyperparams)
+    if not isinstance(state, AdamState):
+        raise TypeError(f"{fn}: state must be an adamx.AdamState, got {type(state).__name__}")
+    return resolve_learning_rate(learning_rate, state.count)
+
+
 def update(
     grads,
     state,
@@ -270,12 +280,8 @@ def update(
     """
     fn = "adamx.update"
     rule = Rule(eps_hat, maximize, nesterov, max_bias_corrected)
-    check_rule(fn, rule)
-    check_learning_rate(fn, learning_rate)
-    check_hyperparams(fn, b1=b1, b2=b2, eps=eps, eps_root=eps_root, weight_decay=weight_decay)
-    if not isinstance(state, AdamState):
-        raise TypeError(f"{fn}: state must be an adamx.AdamState, got {type(state).__name__}")
-    lr = resolve_learning_rate(learning_rate, state.count)
+    lr = checked_learning_rate(fn, state, learning_rate, rule, b1=b1, b2=b2, eps=eps,
+                               eps_root=eps_root, weight_decay=weight_decay)
     return apply_rule(
         fn, grads, state, params, scale=-lr, b1=b1, b2=b2,
         eps=eps, eps_root=eps_root, weight_decay=weight_decay, mask=mask, rule=rule,
