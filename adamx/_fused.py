@@ -1,148 +1,31 @@
-"""One CPU kernel over every leaf of an Adam step, and :func:`apply`, the whole step in one call.
+""":func:`apply`: the whole Adam step, params and moments in place, in one CPU kernel.
 
-XLA:CPU makes one loop fusion (one dispatch) per output array, so an Adam step costs three per
-leaf: 40 bytes per parameter, and thousands of dispatches for a model with many leaves. The kernel
-(``adamx/_ffi/adam_step.cc``, an XLA FFI custom call) does the same math in one multithreaded pass
+XLA:CPU makes one loop fusion (one dispatch) per output array, so a plain Adam step costs three
+per leaf: 40 bytes per parameter. The ``adam_step`` kernel of ``adamx/_ffi/adam_step.cc`` (see
+``adamx/_kernel.py`` for building and when it runs) does the whole step in one multithreaded pass
 over all float32 leaves, params and moments updated in place: :func:`apply` returns new params
-and state at 28 bytes/param.
+and state at 28 bytes/param, the least any Adam step can move.
 
-The kernel runs when the process's default backend is CPU with a single device, and the leaves
-are float32 arrays without AMSGrad or Adamax; every other case (GPU, TPU, several devices, other
-dtypes, no C++ compiler) runs the plain JAX path of ``adamx/_update.py``, which is the tests'
-oracle. The Optax protocol (``adamx.update`` and the factories) always runs the plain path: it
-stays differentiable, shardable and vectorizable, and the kernel saved it only 10% of its bytes.
-The kernel has no derivative rule, so differentiate through :func:`adamx.update`, not ``apply``.
-Results agree with the plain path to float32 rounding (an ulp here and there, from where each
-compiler forms FMAs).
-
-The kernel is compiled with the machine's ``g++`` (or ``$CXX``) on first use into a cache
-directory (``$ADAMX_CACHE_DIR``, else ``$XDG_CACHE_HOME/adamx``, else ``~/.cache/adamx``),
-keyed by a hash of its source, the compiler flags, the FFI headers and the host CPU (the build
-uses ``-march=native``, so a cache shared with an older CPU must not load it). Nothing is
-compiled at install or import time; ``ADAMX_DISABLE_KERNEL=1`` keeps everything on the plain JAX
-path.
+AMSGrad, Adamax, non-float32 leaves, GPU and TPU, several devices and a missing C++ compiler
+run the plain JAX path of ``adamx/_update.py``, which is the tests' oracle. The kernel has no
+derivative rule, so differentiate through :func:`adamx.update`, not ``apply``. Results agree with
+the plain path to float32 rounding (an ulp here and there, from where each compiler forms FMAs).
 """
-
-import ctypes
-import functools
-import hashlib
-import os
-import platform
-import shutil
-import subprocess
-import tempfile
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-from adamx import _numerics, _storage
+from adamx import _kernel, _numerics, _storage
 from adamx._checks import check_bool, check_same_structure
 from adamx._update import Rule, apply_rule, checked_learning_rate, decay_flags, step_scalars
 
-_SOURCE = Path(__file__).parent / "_ffi" / "adam_step.cc"
-_TARGET = "adamx_adam_step_f32"
-_SYMBOL = "AdamxAdamStepF32"
-_FLAGS = ("-O3", "-march=native", "-ffp-contract=fast", "-fno-math-errno", "-std=c++17",
-          "-shared", "-fPIC")
 # Order of the kernel's step-scalar vector (enum Scalar in adam_step.cc).
 _SCALAR_ORDER = ("scale", "b1", "omb1", "b2", "omb2", "eps", "eps_root", "weight_decay",
                  "inv_bc1", "inv_bc2", "step_scale", "nesterov_m", "nesterov_g")
+# Flags of the adam_step kernel (enum Flag in adam_step.cc).
 _MAXIMIZE, _EPS_HAT, _NESTEROV = 1, 2, 4
-# Elements per work item handed to a thread: large enough to amortize scheduling.
-_CHUNK = 1 << 16
-# Leaves per custom call: XLA's compile time grows faster than linearly in the aliased operands
-# of one call (1,000 leaves in one call took minutes), so big trees are split into a few calls.
-_GROUP = 64
-
-
-def _cache_dir():
-    if "ADAMX_CACHE_DIR" in os.environ:
-        return Path(os.environ["ADAMX_CACHE_DIR"])
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "adamx"
-
-
-def _host_cpu():
-    """The machine and its instruction-set flags, for the cache key of a -march=native build."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line for line in f if line.startswith(("flags", "Features"))), "")
-    except OSError:
-        flags = ""
-    return f"{platform.machine()} {platform.processor()} {flags}"
-
-
-def _build(cxx):
-    """Compiles the kernel into the cache (once per source, flags and jaxlib); returns its path."""
-    key = hashlib.sha256()
-    key.update(_SOURCE.read_bytes())
-    key.update(" ".join((cxx,) + _FLAGS).encode())
-    key.update(_host_cpu().encode())
-    for header in sorted(Path(jax.ffi.include_dir()).rglob("*.h")):
-        key.update(header.read_bytes())
-    lib = _cache_dir() / f"adam_step_{key.hexdigest()[:16]}.so"
-    if lib.exists():
-        return lib
-    lib.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=lib.parent) as tmp:
-        out = Path(tmp) / lib.name
-        cmd = [cxx, *_FLAGS, f"-I{jax.ffi.include_dir()}", str(_SOURCE), "-o", str(out)]
-        subprocess.run(cmd, check=True, capture_output=True, text=True)
-        os.replace(out, lib)  # atomic: a concurrent process sees the old state or the whole file
-    return lib
-
-
-@functools.lru_cache(maxsize=None)
-def _kernel_status():
-    """(True, "") once the kernel is built and registered for CPU, else (False, the reason)."""
-    if os.environ.get("ADAMX_DISABLE_KERNEL", "").lower() in ("1", "true", "yes"):
-        return False, "ADAMX_DISABLE_KERNEL is set"
-    cxx = os.environ.get("CXX", "g++")
-    if shutil.which(cxx) is None:
-        return False, f"no C++ compiler ({cxx!r} not found)"
-    try:
-        lib = ctypes.CDLL(str(_build(cxx)))
-        capsule = jax.ffi.pycapsule(getattr(lib, _SYMBOL))
-        jax.ffi.register_ffi_target(_TARGET, capsule, platform="cpu")
-    except (OSError, subprocess.CalledProcessError, AttributeError) as e:
-        detail = getattr(e, "stderr", "") or str(e)
-        return False, f"building the kernel failed: {detail.strip()[:500]}"
-    return True, ""
-
-
-def kernel_available():
-    """Whether the fused CPU kernel can be used here (building it on first call if needed).
-
-    Returns:
-      True when the kernel is compiled and registered for XLA:CPU. Set ``ADAMX_DISABLE_KERNEL=1``
-      before the first call to keep :func:`apply` on the plain JAX path.
-
-    Example:
-      >>> import adamx
-      >>> isinstance(adamx.kernel_available(), bool)
-      True
-    """
-    return _kernel_status()[0]
-
-
-def _kernel_here():
-    """(usable, reason): the kernel is built and this process compiles for CPU.
-
-    A process whose default backend is a GPU or TPU keeps the plain JAX path, where XLA fuses well.
-    """
-    if jax.default_backend() != "cpu":
-        return False, f"the default backend is {jax.default_backend()}, not cpu"
-    if jax.device_count() > 1:
-        # The custom call has no sharding rule: XLA would gather every sharded leaf around it.
-        return False, f"{jax.device_count()} devices: the kernel has no sharding rule"
-    return _kernel_status()
-
-
-def _is_f32(x):
-    return isinstance(x, (jax.Array, np.ndarray)) and x.dtype == jnp.float32
 
 
 def _unsupported(g_leaves, mu_leaves, nu_leaves, p_leaves, state, rule):
@@ -152,7 +35,7 @@ def _unsupported(g_leaves, mu_leaves, nu_leaves, p_leaves, state, rule):
     if rule.infinity_norm or rule.max_bias_corrected:
         return "Adamax and max_bias_corrected are not supported"
     for leaves in (g_leaves, mu_leaves, nu_leaves, p_leaves):
-        if not all(_is_f32(x) for x in leaves):
+        if not all(_kernel.is_f32(x) for x in leaves):
             return "every param, grad and moment must be a float32 array"
     return None
 
@@ -166,8 +49,8 @@ def _kernel_step(g_leaves, mu_leaves, nu_leaves, p_leaves, decay, scalars, rule)
     new_p, new_mu, new_nu = list(p_leaves), list(mu_leaves), list(nu_leaves)
     flags = ((_MAXIMIZE if rule.maximize else 0) | (_EPS_HAT if rule.eps_hat else 0)
              | (_NESTEROV if rule.nesterov else 0))
-    for start in range(0, len(live), _GROUP):
-        group = live[start:start + _GROUP]
+    for start in range(0, len(live), _kernel.GROUP):
+        group = live[start:start + _kernel.GROUP]
         operands = [scalars]
         for k in group:
             operands += [p_leaves[k], g_leaves[k], mu_leaves[k], nu_leaves[k]]
@@ -178,10 +61,11 @@ def _kernel_step(g_leaves, mu_leaves, nu_leaves, p_leaves, decay, scalars, rule)
         aliases = {}
         for j in range(len(group)):
             aliases.update({1 + 4 * j: 3 * j, 3 + 4 * j: 3 * j + 1, 4 + 4 * j: 3 * j + 2})
-        call = jax.ffi.ffi_call(_TARGET, result_types, input_output_aliases=aliases,
+        call = jax.ffi.ffi_call(_kernel.STEP_TARGET, result_types, input_output_aliases=aliases,
                                 vmap_method="sequential")
         out = call(*operands, flags=np.int64(flags),
-                   decay=np.asarray([decay[k] for k in group], np.int32), chunk=np.int64(_CHUNK))
+                   decay=np.asarray([decay[k] for k in group], np.int32),
+                   chunk=np.int64(_kernel.CHUNK))
         for j, k in enumerate(group):
             new_p[k], new_mu[k], new_nu[k] = out[3 * j: 3 * j + 3]
     return new_p, new_mu, new_nu
@@ -280,7 +164,7 @@ def apply(
         fn, grads, state.mu, is_leaf=_storage.is_moment_leaf)
     nu_leaves = jax.tree.leaves(state.nu, is_leaf=_storage.is_moment_leaf)
     p_leaves = treedef.flatten_up_to(params)
-    available, why = _kernel_here()
+    available, why = _kernel.kernel_here()
     if available:
         why = _unsupported(g_leaves, mu_leaves, nu_leaves, p_leaves, state, rule)
     if why is not None or not g_leaves:

@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from adamx import _numerics, _storage
+from adamx import _kernel, _numerics, _storage
 from adamx._checks import (
     check_bool,
     check_in_unit_interval,
@@ -63,19 +63,25 @@ def step_scalars(dtype, t, *, b1, b2, eps, eps_root, weight_decay, rule):
     return {k: jnp.asarray(v, dtype) for k, v in s.items()}
 
 
-def _leaf_update(g, mu, nu, nu_max, p, decay, scale, s, rule):
-    """One leaf of Adam, in the compute dtype; returns (update, mu, nu, nu_max) as stored."""
+def _leaf_update(g, mu, nu, nu_max, p, decay, scale, s, rule, moments=None):
+    """One leaf of Adam, in the compute dtype; returns (update, mu, nu, nu_max) as stored.
+
+    ``moments``: this step's (m, v) when the CPU kernel has already computed them.
+    """
     real = s["b1"].dtype
     g = jnp.asarray(g, _numerics.complex_dtype(real) if jnp.iscomplexobj(g) else real)
     if rule.maximize:
         g = -g
-    m = _storage.load(mu, g.dtype)
-    v = _storage.load(nu, real)
-    m = s["omb1"].astype(g.dtype) * g + s["b1"].astype(g.dtype) * m
-    if rule.infinity_norm:
-        v = jnp.maximum(jnp.abs(g) + s["eps"], s["b2"] * v)
+    if moments is not None:
+        m, v = moments
     else:
-        v = s["omb2"] * _numerics.abs_sq(g) + s["b2"] * v
+        m = _storage.load(mu, g.dtype)
+        v = _storage.load(nu, real)
+        m = s["omb1"].astype(g.dtype) * g + s["b1"].astype(g.dtype) * m
+        if rule.infinity_norm:
+            v = jnp.maximum(jnp.abs(g) + s["eps"], s["b2"] * v)
+        else:
+            v = s["omb2"] * _numerics.abs_sq(g) + s["b2"] * v
 
     if rule.nesterov:
         m_hat = (s["b1"] / s["bc1_next"]).astype(g.dtype) * m + (s["omb1"] / s["bc1"]).astype(
@@ -108,6 +114,30 @@ def _leaf_update(g, mu, nu, nu_max, p, decay, scale, s, rule):
         direction = scale.astype(g.dtype) * direction
     stored_max = None if nu_max is None else _storage.store(new_max, nu_max)
     return direction, _storage.store(m, mu), _storage.store(v, nu), stored_max
+
+
+def _kernel_moments(g_leaves, mu_leaves, nu_leaves, s, rule):
+    """Per leaf, this step's (m, v) from the CPU moment kernel, or None for the plain path.
+
+    The kernel takes the non-empty leaves whose grad and both moments are float32 arrays, when
+    it runs here at all (see ``adamx/_kernel.py``). Adamax's second moment is a maximum, not a
+    moving average, and maximize=True negates g first (GCC and XLA then contract the moment's
+    multiply-add into different FMAs): both stay on the plain path.
+    """
+    none = [None] * len(g_leaves)
+    if s is None or rule.infinity_norm or rule.maximize or not _kernel.kernel_here()[0]:
+        return none
+    picked = [k for k, leaf in enumerate(zip(g_leaves, mu_leaves, nu_leaves))
+              if all(map(_kernel.is_f32, leaf)) and np.size(leaf[0])]
+    if not picked:
+        return none
+    new_m, new_v = _kernel.moments(
+        [g_leaves[k] for k in picked], [mu_leaves[k] for k in picked],
+        [nu_leaves[k] for k in picked],
+        b1=s["b1"], omb1=s["omb1"], b2=s["b2"], omb2=s["omb2"])
+    for k, m, v in zip(picked, new_m, new_v):
+        none[k] = (m, v)
+    return none
 
 
 def decay_flags(fn, treedef, grads, params, weight_decay, mask):
@@ -166,17 +196,22 @@ def apply_rule(
 
     count = _numerics.safe_increment(state.count)
     scalars = {}
-    outputs = []
-    leaves = zip(g_leaves, mu_leaves, nu_leaves, max_leaves, p_leaves, decay)
-    for g, mu, nu, nu_max, p, d in leaves:
+    for g in g_leaves:
         dtype = _numerics.compute_dtype(jnp.result_type(g))
         if dtype not in scalars:
             scalars[dtype] = step_scalars(
                 dtype, count, b1=b1, b2=b2, eps=eps, eps_root=eps_root,
                 weight_decay=weight_decay, rule=rule,
             )
+    moments = _kernel_moments(g_leaves, mu_leaves, nu_leaves, scalars.get(jnp.dtype(jnp.float32)),
+                              rule)
+    outputs = []
+    leaves = zip(g_leaves, mu_leaves, nu_leaves, max_leaves, p_leaves, decay, moments)
+    for g, mu, nu, nu_max, p, d, mv in leaves:
+        dtype = _numerics.compute_dtype(jnp.result_type(g))
         leaf_scale = None if scale is None else jnp.asarray(scale, dtype)
-        u, mu, nu, nu_max = _leaf_update(g, mu, nu, nu_max, p, d, leaf_scale, scalars[dtype], rule)
+        u, mu, nu, nu_max = _leaf_update(g, mu, nu, nu_max, p, d, leaf_scale, scalars[dtype], rule,
+                                         mv)
         outputs.append((u.astype(jnp.result_type(g)), mu, nu, nu_max))
 
     def rebuild(i):

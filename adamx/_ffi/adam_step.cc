@@ -12,6 +12,8 @@
 #include <atomic>
 #include <cmath>
 #include <cstdint>
+#include <functional>
+#include <initializer_list>
 #include <memory>
 #include <thread>
 #include <vector>
@@ -42,16 +44,65 @@ struct Leaf {
   bool decay;
 };
 
-struct Work {
-  std::vector<Leaf> leaves;
-  std::vector<int64_t> starts;  // global element offset of each leaf; one extra at the end
-  float s[kNumScalars];
-  int64_t flags;
-  int64_t chunk;
-  int64_t num_chunks;
+// Leaves laid end to end: element i of the step lies in the leaf k with starts[k] <= i < starts[k+1].
+struct Layout {
+  std::vector<int64_t> starts{0};
+  void Add(int64_t size) { starts.push_back(starts.back() + size); }
+  int64_t total() const { return starts.back(); }
+};
+
+// Shared by the calling thread and the pool's helpers: each claims chunks until none are left.
+struct Job {
+  std::function<void(int64_t, int64_t)> run;  // runs global elements [lo, hi)
+  int64_t total = 0;
+  int64_t chunk = 1;
+  int64_t num_chunks = 0;
   std::atomic<int64_t> next{0};
   std::atomic<int64_t> done{0};
+
+  void Drain() {
+    for (;;) {
+      const int64_t c = next.fetch_add(1, std::memory_order_relaxed);
+      if (c >= num_chunks) return;
+      run(c * chunk, std::min(total, (c + 1) * chunk));
+      done.fetch_add(1, std::memory_order_release);
+    }
+  }
 };
+
+// Runs run(lo, hi) over [0, total) in chunks on the calling thread and XLA's intra-op pool;
+// returns when every chunk is finished.
+void ParallelFor(ffi::ThreadPool& pool, int64_t total, int64_t chunk,
+                 std::function<void(int64_t, int64_t)> run) {
+  auto job = std::make_shared<Job>();
+  job->run = std::move(run);
+  job->total = total;
+  job->chunk = std::max<int64_t>(chunk, 1);
+  job->num_chunks = (total + job->chunk - 1) / job->chunk;
+  const int64_t helpers = std::min<int64_t>(pool.num_threads(), job->num_chunks - 1);
+  for (int64_t t = 0; t < helpers; ++t) {
+    pool.Schedule([job] { job->Drain(); });
+  }
+  job->Drain();
+  // Chunks still counted as not done were claimed by helpers that are running them now.
+  while (job->done.load(std::memory_order_acquire) < job->num_chunks) {
+    std::this_thread::yield();
+  }
+}
+
+// Calls fn(k, begin, end) for the part [begin, end) of each leaf k that global [lo, hi) covers.
+template <typename Fn>
+void ForLeaves(const Layout& layout, int64_t lo, int64_t hi, Fn fn) {
+  const auto& starts = layout.starts;
+  auto it = std::upper_bound(starts.begin(), starts.end(), lo);
+  size_t k = static_cast<size_t>(it - starts.begin()) - 1;
+  while (lo < hi && k + 1 < starts.size()) {
+    const int64_t end = std::min(hi, starts[k + 1]);
+    fn(k, lo - starts[k], end - starts[k]);
+    lo = end;
+    ++k;
+  }
+}
 
 template <bool kMax, bool kHat, bool kNes, bool kDecay>
 void Kernel(const Leaf& l, int64_t lo, int64_t hi, const float* s) {
@@ -103,29 +154,13 @@ KernelFn Pick(int64_t flags, bool decay) {
   return (flags & kMaximize) ? Pick1<true>(flags, decay) : Pick1<false>(flags, decay);
 }
 
-// Runs global elements [lo, hi), which may span several leaves.
-void RunRange(const Work& w, int64_t lo, int64_t hi) {
-  auto it = std::upper_bound(w.starts.begin(), w.starts.end(), lo);
-  size_t k = static_cast<size_t>(it - w.starts.begin()) - 1;
-  while (lo < hi && k < w.leaves.size()) {
-    const Leaf& l = w.leaves[k];
-    const int64_t begin = lo - w.starts[k];
-    const int64_t end = std::min(hi, w.starts[k + 1]) - w.starts[k];
-    Pick(w.flags, l.decay)(l, begin, end, w.s);
-    lo = w.starts[k] + end;
-    ++k;
+bool AllF32(int64_t size, std::initializer_list<const ffi::AnyBuffer*> buffers) {
+  for (const auto* b : buffers) {
+    if (b->element_type() != ffi::F32 || static_cast<int64_t>(b->element_count()) != size) {
+      return false;
+    }
   }
-}
-
-// Claims chunks until none are left; returns after finishing the ones it claimed.
-void Drain(Work& w) {
-  const int64_t total = w.starts.back();
-  for (;;) {
-    const int64_t c = w.next.fetch_add(1, std::memory_order_relaxed);
-    if (c >= w.num_chunks) return;
-    RunRange(w, c * w.chunk, std::min(total, (c + 1) * w.chunk));
-    w.done.fetch_add(1, std::memory_order_release);
-  }
+  return true;
 }
 
 ffi::Error AdamStepImpl(ffi::ThreadPool pool, ScalarBuffer scalars,
@@ -138,12 +173,11 @@ ffi::Error AdamStepImpl(ffi::ThreadPool pool, ScalarBuffer scalars,
   if (args.size() != 4 * n || rets.size() != 3 * n) {
     return ffi::Error::InvalidArgument("adamx adam_step: operands do not match the leaf count");
   }
-  auto w = std::make_shared<Work>();
-  w->leaves.reserve(n);
-  w->starts.reserve(n + 1);
-  w->starts.push_back(0);
-  std::copy(scalars.typed_data(), scalars.typed_data() + kNumScalars, w->s);
-  w->flags = flags;
+  std::vector<Leaf> leaves;
+  leaves.reserve(n);
+  Layout layout;
+  float s[kNumScalars];
+  std::copy(scalars.typed_data(), scalars.typed_data() + kNumScalars, s);
   for (size_t k = 0; k < n; ++k) {
     auto p = args.get<ffi::AnyBuffer>(4 * k);
     auto g = args.get<ffi::AnyBuffer>(4 * k + 1);
@@ -156,30 +190,89 @@ ffi::Error AdamStepImpl(ffi::ThreadPool pool, ScalarBuffer scalars,
       return ffi::Error::InvalidArgument("adamx adam_step: could not decode a buffer");
     }
     const int64_t size = static_cast<int64_t>(p->element_count());
-    for (const auto* b : {&*p, &*g, &*m, &*v}) {
-      if (b->element_type() != ffi::F32 || static_cast<int64_t>(b->element_count()) != size) {
-        return ffi::Error::InvalidArgument("adamx adam_step: leaves must be float32, same size");
-      }
+    if (!AllF32(size, {&*p, &*g, &*m, &*v})) {
+      return ffi::Error::InvalidArgument("adamx adam_step: leaves must be float32, same size");
     }
-    w->leaves.push_back(Leaf{
+    leaves.push_back(Leaf{
         static_cast<const float*>(p->untyped_data()), static_cast<const float*>(g->untyped_data()),
         static_cast<const float*>(m->untyped_data()), static_cast<const float*>(v->untyped_data()),
         static_cast<float*>((*po)->untyped_data()), static_cast<float*>((*mo)->untyped_data()),
         static_cast<float*>((*vo)->untyped_data()), size, decay[k] != 0});
-    w->starts.push_back(w->starts.back() + size);
+    layout.Add(size);
   }
-  const int64_t total = w->starts.back();
-  w->chunk = std::max<int64_t>(chunk, 1);
-  w->num_chunks = (total + w->chunk - 1) / w->chunk;
-  const int64_t helpers = std::min<int64_t>(pool.num_threads(), w->num_chunks - 1);
-  for (int64_t t = 0; t < helpers; ++t) {
-    pool.Schedule([w] { Drain(*w); });
+  ParallelFor(pool, layout.total(), chunk, [&](int64_t lo, int64_t hi) {
+    ForLeaves(layout, lo, hi, [&](size_t k, int64_t begin, int64_t end) {
+      Pick(flags, leaves[k].decay)(leaves[k], begin, end, s);
+    });
+  });
+  return ffi::Error::Success();
+}
+
+// The moments alone, for the Optax protocol (the update itself is left to XLA, which fuses it
+// into optax.apply_updates). The same expressions as the plain JAX path; with constant
+// hyperparameters GCC and XLA's LLVM contract them into the same FMAs (the same bits). Operands: a float32 vector [b1, 1 - b1, b2, 1 - b2], then for each
+// leaf its grad, first moment and second moment; results: each leaf's new first and second
+// moment, aliased by the caller to the old ones.
+enum MomentScalar { kMB1, kMOmb1, kMB2, kMOmb2, kNumMomentScalars };
+
+struct MomentLeaf {
+  const float* g;
+  const float* m_in;
+  const float* v_in;
+  float* m;
+  float* v;
+};
+
+void MomentKernel(const MomentLeaf& l, int64_t lo, int64_t hi, const float* s) {
+  const float b1 = s[kMB1], omb1 = s[kMOmb1], b2 = s[kMB2], omb2 = s[kMOmb2];
+  const float *g_in = l.g, *m_in = l.m_in, *v_in = l.v_in;
+  float *m_out = l.m, *v_out = l.v;
+#pragma GCC ivdep
+  for (int64_t i = lo; i < hi; ++i) {
+    const float g = g_in[i];
+    m_out[i] = omb1 * g + b1 * m_in[i];
+    v_out[i] = omb2 * (g * g) + b2 * v_in[i];
   }
-  Drain(*w);
-  // Chunks still counted as not done were claimed by helpers that are running them now.
-  while (w->done.load(std::memory_order_acquire) < w->num_chunks) {
-    std::this_thread::yield();
+}
+
+ffi::Error AdamMomentsImpl(ffi::ThreadPool pool, ScalarBuffer scalars, ffi::RemainingArgs args,
+                           ffi::RemainingRets rets, int64_t chunk) {
+  if (scalars.element_count() != kNumMomentScalars) {
+    return ffi::Error::InvalidArgument("adamx adam_moments: wrong number of scalars");
   }
+  const size_t n = args.size() / 3;
+  if (args.size() != 3 * n || rets.size() != 2 * n) {
+    return ffi::Error::InvalidArgument("adamx adam_moments: operands do not match the leaves");
+  }
+  std::vector<MomentLeaf> leaves;
+  leaves.reserve(n);
+  Layout layout;
+  float s[kNumMomentScalars];
+  std::copy(scalars.typed_data(), scalars.typed_data() + kNumMomentScalars, s);
+  for (size_t k = 0; k < n; ++k) {
+    auto g = args.get<ffi::AnyBuffer>(3 * k);
+    auto m = args.get<ffi::AnyBuffer>(3 * k + 1);
+    auto v = args.get<ffi::AnyBuffer>(3 * k + 2);
+    auto mo = rets.get<ffi::AnyBuffer>(2 * k);
+    auto vo = rets.get<ffi::AnyBuffer>(2 * k + 1);
+    if (!g || !m || !v || !mo || !vo) {
+      return ffi::Error::InvalidArgument("adamx adam_moments: could not decode a buffer");
+    }
+    const int64_t size = static_cast<int64_t>(g->element_count());
+    if (!AllF32(size, {&*g, &*m, &*v})) {
+      return ffi::Error::InvalidArgument("adamx adam_moments: leaves must be float32, same size");
+    }
+    leaves.push_back(MomentLeaf{
+        static_cast<const float*>(g->untyped_data()), static_cast<const float*>(m->untyped_data()),
+        static_cast<const float*>(v->untyped_data()), static_cast<float*>((*mo)->untyped_data()),
+        static_cast<float*>((*vo)->untyped_data())});
+    layout.Add(size);
+  }
+  ParallelFor(pool, layout.total(), chunk, [&](int64_t lo, int64_t hi) {
+    ForLeaves(layout, lo, hi, [&](size_t k, int64_t begin, int64_t end) {
+      MomentKernel(leaves[k], begin, end, s);
+    });
+  });
   return ffi::Error::Success();
 }
 
@@ -193,4 +286,12 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(AdamxAdamStepF32, AdamStepImpl,
                                   .RemainingRets()
                                   .Attr<int64_t>("flags")
                                   .Attr<ffi::Span<const int32_t>>("decay")
+                                  .Attr<int64_t>("chunk"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(AdamxAdamMomentsF32, AdamMomentsImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ScalarBuffer>()
+                                  .RemainingArgs()
+                                  .RemainingRets()
                                   .Attr<int64_t>("chunk"));
