@@ -1,7 +1,10 @@
 """Adam step time: adamx vs optax.adam vs torch.optim.Adam, side by side in one run.
 
 Each JAX step is one jitted function (update + ``optax.apply_updates``, or ``adamx.apply`` for the
-fused path) with params and state donated. Each torch step is ``optimizer.step()`` with the grads
+fused path) with params and state donated. Paths: ``adamx`` is ``adamx.adam`` through the Optax
+protocol as a user gets it (on one CPU device, with its moment kernel), ``adamx-plain`` the same
+traced with adamx's CPU kernels off (the plain JAX path, which GPU and TPU run), ``adamx-fused``
+is ``adamx.apply``. Each torch step is ``optimizer.step()`` with the grads
 already in place. Times are medians of ``--repeats`` runs after warm-up (``block_until_ready``).
 
 Effective GB/s counts 28 bytes per float32 parameter (read p, g, m, v; write p, m, v), the least
@@ -34,7 +37,7 @@ from pathlib import Path
 import numpy as np
 
 BYTES_PER_PARAM = 28
-JAX_PATHS = ("adamx", "adamx-fused", "optax")
+JAX_PATHS = ("adamx", "adamx-plain", "adamx-fused", "optax")
 TORCH_PATHS = ("torch-loop", "torch-foreach", "torch-fused")
 ALL_PATHS = JAX_PATHS + TORCH_PATHS
 TREES = ("a", "b", "c")
@@ -128,7 +131,7 @@ def jax_step(path):
 
     if path == "optax":
         opt = optax.adam(LR)
-    elif path == "adamx":
+    elif path in ("adamx", "adamx-plain"):
         import adamx
 
         opt = adamx.adam(LR)
@@ -148,7 +151,36 @@ def jax_step(path):
         updates, state = opt.update(grads, state, params)
         return optax.apply_updates(params, updates), state
 
+    if path == "adamx-plain":
+        return opt.init, plain_jax(step)
     return opt.init, step
+
+
+def plain_jax(fn):
+    """``fn`` traced with adamx's CPU kernels switched off: the plain JAX path, as on GPU and TPU."""
+    from adamx import _kernel
+
+    def traced_plain(*args):
+        kernel_here = _kernel.kernel_here
+        _kernel.kernel_here = lambda: (False, "switched off by the benchmark")
+        try:
+            return fn(*args)
+        finally:
+            _kernel.kernel_here = kernel_here
+
+    return traced_plain
+
+
+def fresh(tree):
+    """A copy of ``tree`` in new device buffers, through NumPy.
+
+    Not ``jnp.copy``: an eager op compiles once per distinct shape, and those compiles finish in
+    the background while the timed calls run (1,000 shapes in tree (b) held a core for seconds,
+    and the path built first paid for it).
+    """
+    import jax
+
+    return jax.device_put(jax.tree.map(np.array, tree))
 
 
 def bench_jax(path, tree, inner):
@@ -162,8 +194,8 @@ def bench_jax(path, tree, inner):
 
     init, step = jax_step(path)
     params_np, grads_np = make_tree(tree)
-    params = jax.tree.map(jax.numpy.asarray, params_np)
-    grads = jax.tree.map(jax.numpy.asarray, grads_np)
+    params = jax.device_put(params_np)
+    grads = jax.device_put(grads_np)
     state = jax.jit(init)(params)
     jitted = jax.jit(step, donate_argnums=(0, 1))
     t0 = time.perf_counter()
@@ -172,16 +204,8 @@ def bench_jax(path, tree, inner):
     carry = [params, state]
 
     def call():
-        if not call.placed:
-            # Re-allocate the carried buffers at the first timed call, once every path is built:
-            # buffers allocated early in the run stepped up to 1.4x slower per call on CPU (the
-            # path built first lost, whichever it was), an artifact of where they landed.
-            carry[:] = jax.tree.map(jax.numpy.copy, carry)
-            call.placed = True
         carry[0], carry[1] = compiled(carry[0], carry[1], grads)
         jax.block_until_ready(carry)
-
-    call.placed = False
 
     if not inner:
         return call, compile_s, None
@@ -190,7 +214,7 @@ def bench_jax(path, tree, inner):
         return jax.lax.fori_loop(0, inner, lambda _, c: step(*c, grads), (params, state))
 
     looped = jax.jit(steps, donate_argnums=(0, 1)).lower(*carry, grads).compile()
-    loop_carry = [jax.tree.map(jax.numpy.copy, params_like) for params_like in carry]
+    loop_carry = [fresh(params_like) for params_like in carry]
 
     def loop_call():
         loop_carry[0], loop_carry[1] = looped(loop_carry[0], loop_carry[1], grads)
