@@ -1,7 +1,7 @@
 """Adam step time: adamx vs optax.adam vs torch.optim.Adam, side by side in one run.
 
 Each JAX step is one jitted function (update + ``optax.apply_updates``, or ``adamx.apply`` for the
-fused path) with params and state donated. Paths: ``adamx`` is ``adamx.adam`` through the Optax
+fused path) with params and state donated (``--no-donate``: not). Paths: ``adamx`` is ``adamx.adam`` through the Optax
 protocol as a user gets it (on one CPU device, with its moment kernel), ``adamx-plain`` the same
 traced with adamx's CPU kernels off (the plain JAX path, which GPU and TPU run), ``adamx-fused``
 is ``adamx.apply``. Each torch step is ``optimizer.step()`` with the grads
@@ -11,7 +11,8 @@ Effective GB/s counts 28 bytes per float32 parameter (read p, g, m, v; write p, 
 traffic any Adam step can move. The floor is this machine's measured in-place bandwidth in the same
 run: ``a += b`` over 16M float32 (12 bytes per element moved), with NumPy (one thread) and with
 torch (its intra-op threads); the faster of the two is the floor, and "% floor" is the step's
-effective GB/s over it. The paths of a tree run interleaved (one step of each per round), so a
+effective GB/s over it. The paths of a tree run interleaved (one step of each per round, in a
+shuffled order), so a
 change of load on a shared machine hits all of them alike; the ratios are the numbers to read.
 "peak RSS" is the process's peak after building that path (cumulative over the run).
 "in-loop ms/step" times ``--inner`` JAX steps inside one jitted ``fori_loop`` (as a training loop
@@ -80,18 +81,19 @@ def peak_rss_mb():
 def time_calls(fns, repeats, warmup):
     """Median and all wall times (ms) of each ``fns[k]()``, which must block until done.
 
-    The calls are interleaved (one of each per round, in rotation), so that a change in the
-    machine's load during the run affects every path alike.
+    The calls are interleaved (one of each per round, in a seeded random order), so that a change
+    in the machine's load during the run affects every path alike.
     """
     for _ in range(warmup):
         for fn in fns.values():
             fn()
     times = {k: [] for k in fns}
-    order = list(fns)
-    for r in range(repeats):
-        # Rotate who goes first: a path timed right after a torch call shares the cores with
-        # torch's still-spinning OpenMP threads, so no path may always sit in that seat.
-        for k in order[r % len(order):] + order[:r % len(order)]:
+    rng = np.random.default_rng(0)
+    for _ in range(repeats):
+        # A fresh order every round: a path timed right after a torch call shares the cores with
+        # torch's still-spinning OpenMP threads, and in a rotated fixed order the same path would
+        # always follow the same torch call (it cost the path after the floor's torch call 1.3x).
+        for k in rng.permutation(list(fns)):
             t0 = time.perf_counter()
             fns[k]()
             times[k].append((time.perf_counter() - t0) * 1e3)
@@ -183,7 +185,7 @@ def fresh(tree):
     return jax.device_put(jax.tree.map(np.array, tree))
 
 
-def bench_jax(path, tree, inner):
+def bench_jax(path, tree, inner, donate=True):
     """One JAX path on one tree.
 
     Returns:
@@ -197,7 +199,7 @@ def bench_jax(path, tree, inner):
     params = jax.device_put(params_np)
     grads = jax.device_put(grads_np)
     state = jax.jit(init)(params)
-    jitted = jax.jit(step, donate_argnums=(0, 1))
+    jitted = jax.jit(step, donate_argnums=(0, 1) if donate else ())
     t0 = time.perf_counter()
     compiled = jitted.lower(params, state, grads).compile()
     compile_s = time.perf_counter() - t0
@@ -223,9 +225,9 @@ def bench_jax(path, tree, inner):
     return call, compile_s, loop_call
 
 
-def bench_torch(path, tree, inner):
+def bench_torch(path, tree, inner, donate=True):
     """One ``torch.optim.Adam`` variant on one tree: returns (its step, None, None)."""
-    del inner
+    del inner, donate  # torch updates in place
     import torch
 
     params_np, grads_np = make_tree(tree)
@@ -253,16 +255,16 @@ def available(path):
             fused_apply()
         except ImportError as e:
             return f"adamx.apply not present ({e})"
-        from adamx import _fused
+        from adamx import _kernel
 
-        if not _fused.kernel_available():
-            return f"fused kernel unavailable ({_fused._kernel_status()[1]})"
+        if not _kernel.kernel_available():
+            return f"fused kernel unavailable ({_kernel._kernel_status()[1]})"
     if path == "adamx" and not hasattr(mod, "adam"):
         return "adamx.adam not present"
     return None
 
 
-def run_steps(trees, paths, repeats, warmup, inner):
+def run_steps(trees, paths, repeats, warmup, inner, donate=True):
     """All (tree, path) step timings, plus the bandwidth floor, as one result dict."""
     results = {"floor_method": "a += b over 16M float32 (12 B/element), NumPy 1 thread and "
                                "torch's threads, timed interleaved with each tree's paths; "
@@ -283,7 +285,7 @@ def run_steps(trees, paths, repeats, warmup, inner):
                 entry["paths"][path] = {"skipped": why}
                 continue
             bench = bench_torch if path in TORCH_PATHS else bench_jax
-            calls[path], compile_s, loop_call = bench(path, tree, inner)
+            calls[path], compile_s, loop_call = bench(path, tree, inner, donate)
             if loop_call is not None:
                 calls[f"loop:{path}"] = loop_call
             entry["paths"][path] = {"compile_s": compile_s, "peak_rss_mb": peak_rss_mb()}
@@ -417,6 +419,8 @@ def main(argv=None):
                         help="also time JAX steps inside one jitted fori_loop of this many steps "
                              "(no per-call dispatch of every buffer); 0 to skip")
     parser.add_argument("--epochs", type=int, default=50, help="epochs for the training table")
+    parser.add_argument("--no-donate", action="store_true",
+                        help="jit the JAX steps without donating params and state")
     parser.add_argument("--no-keras", action="store_true", help="skip the training table")
     parser.add_argument("--json", type=Path, help="also write all results to this file")
     args = parser.parse_args(argv)
@@ -429,7 +433,8 @@ def main(argv=None):
 
     print(f"jax {jax.__version__} on {jax.default_backend()}, {platform.processor() or platform.machine()}, "
           f"median of {args.repeats} after {args.warmup} warm-up", flush=True)
-    results = run_steps(trees, paths, args.repeats, args.warmup, args.inner)
+    results = run_steps(trees, paths, args.repeats, args.warmup, args.inner,
+                        donate=not args.no_donate)
     print_steps(results)
     if not args.no_keras:
         results["training"] = run_training(args.epochs)
