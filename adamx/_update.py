@@ -124,20 +124,20 @@ def _kernel_moments(g_leaves, mu_leaves, nu_leaves, s, rule):
     moving average, and maximize=True negates g first (GCC and XLA then contract the moment's
     multiply-add into different FMAs): both stay on the plain path.
     """
-    none = [None] * len(g_leaves)
+    found = [None] * len(g_leaves)
     if s is None or rule.infinity_norm or rule.maximize or not _kernel.kernel_here()[0]:
-        return none
+        return found
     picked = [k for k, leaf in enumerate(zip(g_leaves, mu_leaves, nu_leaves))
               if all(map(_kernel.is_f32, leaf)) and np.size(leaf[0])]
     if not picked:
-        return none
+        return found
     new_m, new_v = _kernel.moments(
         [g_leaves[k] for k in picked], [mu_leaves[k] for k in picked],
         [nu_leaves[k] for k in picked],
         b1=s["b1"], omb1=s["omb1"], b2=s["b2"], omb2=s["omb2"])
     for k, m, v in zip(picked, new_m, new_v):
-        none[k] = (m, v)
-    return none
+        found[k] = (m, v)
+    return found
 
 
 def decay_flags(fn, treedef, grads, params, weight_decay, mask):
