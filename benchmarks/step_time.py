@@ -1,10 +1,10 @@
 """Adam step time: adamx vs optax.adam vs torch.optim.Adam, side by side in one run.
 
 Each JAX step is one jitted function (update + ``optax.apply_updates``, or ``adamx.apply`` for the
-fused path) with params and state donated (``--no-donate``: not). Paths: ``adamx`` is ``adamx.adam`` through the Optax
-protocol as a user gets it (on one CPU device, with its moment kernel), ``adamx-plain`` the same
-traced with adamx's CPU kernels off (the plain JAX path, which GPU and TPU run), ``adamx-fused``
-is ``adamx.apply``. Each torch step is ``optimizer.step()`` with the grads
+fused path) with params and state donated (``--no-donate``: not). Paths: ``adamx`` is
+``adamx.adam`` through the Optax protocol as a user gets it (on one CPU device, with its moment
+kernel), ``adamx-plain`` the same traced with adamx's CPU kernels off (the plain JAX path, which
+GPU and TPU run), ``adamx-fused`` is ``adamx.apply``. Each torch step is ``optimizer.step()`` with the grads
 already in place. Times are medians of ``--repeats`` runs after warm-up (``block_until_ready``).
 
 Effective GB/s counts 28 bytes per float32 parameter (read p, g, m, v; write p, m, v), the least
