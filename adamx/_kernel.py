@@ -23,6 +23,7 @@ compiled at install or import time; ``ADAMX_DISABLE_KERNEL=1`` keeps everything 
 path.
 """
 
+import contextlib
 import ctypes
 import functools
 import hashlib
@@ -123,11 +124,28 @@ def kernel_available():
     return _kernel_status()[0]
 
 
+_switched_off = 0
+
+
+@contextlib.contextmanager
+def switched_off():
+    """Steps traced inside this block take the plain JAX path (the tests' oracle, the benchmark's
+    baseline); the choice is made at trace time, so a jit traced here keeps it."""
+    global _switched_off
+    _switched_off += 1
+    try:
+        yield
+    finally:
+        _switched_off -= 1
+
+
 def kernel_here():
     """(usable, reason): the kernel is built and this process compiles for CPU.
 
     A process whose default backend is a GPU or TPU keeps the plain JAX path, where XLA fuses well.
     """
+    if _switched_off:
+        return False, "switched off (adamx._kernel.switched_off)"
     if jax.default_backend() != "cpu":
         return False, f"the default backend is {jax.default_backend()}, not cpu"
     if jax.device_count() > 1:

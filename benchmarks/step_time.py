@@ -163,12 +163,8 @@ def plain_jax(fn):
     from adamx import _kernel
 
     def traced_plain(*args):
-        kernel_here = _kernel.kernel_here
-        _kernel.kernel_here = lambda: (False, "switched off by the benchmark")
-        try:
+        with _kernel.switched_off():
             return fn(*args)
-        finally:
-            _kernel.kernel_here = kernel_here
 
     return traced_plain
 
