@@ -13,7 +13,6 @@
 #include <cmath>
 #include <cstdint>
 #include <functional>
-#include <initializer_list>
 #include <memory>
 #include <thread>
 #include <vector>
@@ -154,13 +153,28 @@ KernelFn Pick(int64_t flags, bool decay) {
   return (flags & kMaximize) ? Pick1<true>(flags, decay) : Pick1<false>(flags, decay);
 }
 
-bool AllF32(int64_t size, std::initializer_list<const ffi::AnyBuffer*> buffers) {
-  for (const auto* b : buffers) {
-    if (b->element_type() != ffi::F32 || static_cast<int64_t>(b->element_count()) != size) {
-      return false;
+// Leaf k's kIn operands and kOut results as float pointers; fails unless every one decodes and the
+// operands are float32 buffers of one size, which goes to *size.
+template <size_t kIn, size_t kOut>
+ffi::Error DecodeLeaf(const ffi::RemainingArgs& args, const ffi::RemainingRets& rets, size_t k,
+                      const float* (&in)[kIn], float* (&out)[kOut], int64_t* size) {
+  *size = -1;
+  for (size_t i = 0; i < kIn; ++i) {
+    auto b = args.get<ffi::AnyBuffer>(kIn * k + i);
+    if (!b) return ffi::Error::InvalidArgument("adamx: could not decode an operand");
+    const auto count = static_cast<int64_t>(b->element_count());
+    if (b->element_type() != ffi::F32 || (*size >= 0 && count != *size)) {
+      return ffi::Error::InvalidArgument("adamx: a leaf's buffers must be float32, same size");
     }
+    *size = count;
+    in[i] = static_cast<const float*>(b->untyped_data());
   }
-  return true;
+  for (size_t i = 0; i < kOut; ++i) {
+    auto b = rets.get<ffi::AnyBuffer>(kOut * k + i);
+    if (!b) return ffi::Error::InvalidArgument("adamx: could not decode a result");
+    out[i] = static_cast<float*>((*b)->untyped_data());
+  }
+  return ffi::Error::Success();
 }
 
 ffi::Error AdamStepImpl(ffi::ThreadPool pool, ScalarBuffer scalars,
@@ -179,25 +193,11 @@ ffi::Error AdamStepImpl(ffi::ThreadPool pool, ScalarBuffer scalars,
   float s[kNumScalars];
   std::copy(scalars.typed_data(), scalars.typed_data() + kNumScalars, s);
   for (size_t k = 0; k < n; ++k) {
-    auto p = args.get<ffi::AnyBuffer>(4 * k);
-    auto g = args.get<ffi::AnyBuffer>(4 * k + 1);
-    auto m = args.get<ffi::AnyBuffer>(4 * k + 2);
-    auto v = args.get<ffi::AnyBuffer>(4 * k + 3);
-    auto po = rets.get<ffi::AnyBuffer>(3 * k);
-    auto mo = rets.get<ffi::AnyBuffer>(3 * k + 1);
-    auto vo = rets.get<ffi::AnyBuffer>(3 * k + 2);
-    if (!p || !g || !m || !v || !po || !mo || !vo) {
-      return ffi::Error::InvalidArgument("adamx adam_step: could not decode a buffer");
-    }
-    const int64_t size = static_cast<int64_t>(p->element_count());
-    if (!AllF32(size, {&*p, &*g, &*m, &*v})) {
-      return ffi::Error::InvalidArgument("adamx adam_step: leaves must be float32, same size");
-    }
-    leaves.push_back(Leaf{
-        static_cast<const float*>(p->untyped_data()), static_cast<const float*>(g->untyped_data()),
-        static_cast<const float*>(m->untyped_data()), static_cast<const float*>(v->untyped_data()),
-        static_cast<float*>((*po)->untyped_data()), static_cast<float*>((*mo)->untyped_data()),
-        static_cast<float*>((*vo)->untyped_data()), size, decay[k] != 0});
+    const float* in[4];  // p, g, m, v
+    float* out[3];       // p, m, v
+    int64_t size;
+    if (auto e = DecodeLeaf(args, rets, k, in, out, &size); !e.success()) return e;
+    leaves.push_back(Leaf{in[0], in[1], in[2], in[3], out[0], out[1], out[2], size, decay[k] != 0});
     layout.Add(size);
   }
   ParallelFor(pool, layout.total(), chunk, [&](int64_t lo, int64_t hi) {
@@ -250,22 +250,11 @@ ffi::Error AdamMomentsImpl(ffi::ThreadPool pool, ScalarBuffer scalars, ffi::Rema
   float s[kNumMomentScalars];
   std::copy(scalars.typed_data(), scalars.typed_data() + kNumMomentScalars, s);
   for (size_t k = 0; k < n; ++k) {
-    auto g = args.get<ffi::AnyBuffer>(3 * k);
-    auto m = args.get<ffi::AnyBuffer>(3 * k + 1);
-    auto v = args.get<ffi::AnyBuffer>(3 * k + 2);
-    auto mo = rets.get<ffi::AnyBuffer>(2 * k);
-    auto vo = rets.get<ffi::AnyBuffer>(2 * k + 1);
-    if (!g || !m || !v || !mo || !vo) {
-      return ffi::Error::InvalidArgument("adamx adam_moments: could not decode a buffer");
-    }
-    const int64_t size = static_cast<int64_t>(g->element_count());
-    if (!AllF32(size, {&*g, &*m, &*v})) {
-      return ffi::Error::InvalidArgument("adamx adam_moments: leaves must be float32, same size");
-    }
-    leaves.push_back(MomentLeaf{
-        static_cast<const float*>(g->untyped_data()), static_cast<const float*>(m->untyped_data()),
-        static_cast<const float*>(v->untyped_data()), static_cast<float*>((*mo)->untyped_data()),
-        static_cast<float*>((*vo)->untyped_data())});
+    const float* in[3];  // g, m, v
+    float* out[2];       // m, v
+    int64_t size;
+    if (auto e = DecodeLeaf(args, rets, k, in, out, &size); !e.success()) return e;
+    leaves.push_back(MomentLeaf{in[0], in[1], in[2], out[0], out[1]});
     layout.Add(size);
   }
   ParallelFor(pool, layout.total(), chunk, [&](int64_t lo, int64_t hi) {
