@@ -11,8 +11,7 @@ Example:
   Array([0.99, 1.99], dtype=float32)
 """
 
-from adamx._fused import apply
-from adamx._kernel import kernel_available
+from adamx._fused import apply, kernel_available
 from adamx._quantize import Int8Spec, Quantized, dequantize, int8_moments, quantize
 from adamx._sharding import zero1_shardings
 from adamx._state import AdamState, init

@@ -1,33 +1,48 @@
-"""Hyperparameter and structure checks whose messages name the call, the argument and the value.
+"""Argument checks whose messages name the call, the argument, the allowed range and the value.
 
-Concrete values (Python numbers, NumPy values, concrete JAX arrays) are checked; tracers are left
-alone, so a hyperparameter passed into a jitted step is never forced to a concrete value.
+Concrete values (Python numbers, NumPy values, concrete JAX arrays of any real dtype, bfloat16
+included) are checked when a transformation is built or a pure function is called. Tracers are
+not forced to a value: inside a traced step :func:`traced_checks` emits the same checks as
+``jax.experimental.checkify.debug_check``, which compile to nothing unless the step is wrapped in
+``checkify.checkify``.
 """
 
 import math
 import numbers
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+from jax.experimental import checkify
+
+# Concrete hyperparameters must be finite in float32, the narrowest dtype the math runs in:
+# ``learning_rate=1e39`` is a finite float64 but an infinite step.
+_F32_MAX = float(np.finfo(np.float32).max)
+
+
+def is_traced(value):
+    return isinstance(value, jax.core.Tracer)
 
 
 def concrete_float(fn, name, value):
     """Returns ``value`` as a Python float, or None for a tracer; raises TypeError otherwise."""
-    if isinstance(value, jax.core.Tracer):
+    if is_traced(value):
         return None
-    if isinstance(value, (bool, np.bool_)) or isinstance(value, (str, bytes)):
+    if value is None or isinstance(value, (bool, np.bool_, str, bytes)):
         raise TypeError(f"{fn}: {name} must be a real number, got {value!r}")
     if isinstance(value, numbers.Real):
         return float(value)
-    try:
-        array = np.asarray(value)
-    except Exception:  # an object NumPy cannot read is not a number
-        array = None
-    if array is None or array.ndim != 0 or not np.issubdtype(array.dtype, np.number):
+    dtype = getattr(value, "dtype", None)
+    if dtype is None or getattr(value, "shape", None) != () or not (
+            jnp.issubdtype(dtype, jnp.floating) or jnp.issubdtype(dtype, jnp.integer)):
         raise TypeError(f"{fn}: {name} must be a real scalar, got {value!r}")
-    if np.iscomplexobj(array):
-        raise TypeError(f"{fn}: {name} must be a real scalar, got {value!r}")
-    return float(array)
+    return float(np.asarray(value, np.float64))
+
+
+def _check_finite_f32(fn, name, value, x):
+    if abs(x) > _F32_MAX:
+        raise ValueError(f"{fn}: {name} must be finite in float32 (at most {_F32_MAX:.4g}), "
+                         f"got {value!r}")
 
 
 def check_in_unit_interval(fn, **values):
@@ -35,21 +50,30 @@ def check_in_unit_interval(fn, **values):
     for name, value in values.items():
         x = concrete_float(fn, name, value)
         if x is not None and not 0.0 <= x < 1.0:
-            raise ValueError(f"{fn}: {name} must be in [0, 1), got {value!r}")
+            hint = ""
+            if x == 1.0 and getattr(value, "dtype", None) in (jnp.bfloat16, jnp.float16):
+                hint = (f": a decay rate like 0.999 rounds to 1 in {value.dtype}; keep it in "
+                        "float32 (optax.inject_hyperparams(..., hyperparam_dtype=jnp.float32))")
+            raise ValueError(f"{fn}: {name} must be in [0, 1), got {value!r}{hint}")
 
 
 def check_non_negative(fn, **values):
-    """Checks that each value is finite and >= 0 (NaN fails)."""
+    """Checks that each value is >= 0 and finite in float32 (NaN fails)."""
     for name, value in values.items():
         x = concrete_float(fn, name, value)
-        if x is not None and not (0.0 <= x < math.inf):
+        if x is None:
+            continue
+        if not 0.0 <= x < math.inf:
             raise ValueError(f"{fn}: {name} must be finite and >= 0, got {value!r}")
+        _check_finite_f32(fn, name, value, x)
 
 
 def check_learning_rate(fn, learning_rate):
-    """Checks a learning rate: a schedule (callable), or a finite number >= 0."""
+    """Checks a learning rate: a schedule (callable of the step count), or a finite number >= 0."""
     if callable(learning_rate):
         return
+    if learning_rate is None:
+        raise TypeError(f"{fn}: learning_rate must be a number, an array or a schedule, got None")
     check_non_negative(fn, learning_rate=learning_rate)
 
 
@@ -60,64 +84,98 @@ def check_bool(fn, **values):
             raise TypeError(f"{fn}: {name} must be True or False, got {value!r}")
 
 
-def _describe(path):
+def check_choice(fn, name, value, choices):
+    """Checks that ``value`` is one of the strings ``choices``."""
+    if not isinstance(value, str) or value not in choices:
+        shown = ", ".join(repr(c) for c in choices)
+        raise ValueError(f"{fn}: {name} must be one of {shown}, got {value!r}")
+
+
+def check_seed(fn, seed):
+    """Checks a seed: an integer in [0, 2**32), or a traced integer scalar."""
+    if is_traced(seed):
+        return
+    if isinstance(seed, (bool, np.bool_)) or not isinstance(seed, (numbers.Integral, np.integer)):
+        dtype = getattr(seed, "dtype", None)
+        if dtype is None or getattr(seed, "shape", None) != () or not jnp.issubdtype(dtype,
+                                                                                      jnp.integer):
+            raise TypeError(f"{fn}: seed must be an integer, got {seed!r}")
+    if not 0 <= int(seed) < 2**32:
+        raise ValueError(f"{fn}: seed must be in [0, 2**32), got {seed!r}")
+
+
+def traced_checks(fn, *, learning_rate, b1, b2, eps, eps_root, weight_decay, count):
+    """The checks of the construction-time ones that concern traced values, as checkify checks.
+
+    They cost nothing in a plain ``jax.jit``; under ``checkify.checkify(step)`` a bad value
+    raises with the same message as the construction-time check, e.g. ``b2=1.0`` passed into a
+    jitted step.
+    """
+    def check(ok, message, *values):
+        checkify.debug_check(ok, f"{fn}: {message}", *values)
+
+    for name, value in (("b1", b1), ("b2", b2)):
+        if is_traced(value):
+            check((value >= 0) & (value < 1), f"{name} must be in [0, 1), got {{}}", value)
+    for name, value in (("learning_rate", learning_rate), ("eps", eps), ("eps_root", eps_root),
+                        ("weight_decay", weight_decay)):
+        if is_traced(value):
+            ok = (value >= 0) & jnp.isfinite(jnp.asarray(value, jnp.float32))
+            check(ok, f"{name} must be finite and >= 0, got {{}}", value)
+    if is_traced(count):
+        check(count >= 0, "state.count must be >= 0, got {}", count)
+
+
+def describe(path):
     return jax.tree_util.keystr(path) or "<root>"
 
 
-def _first_node_difference(a, b, is_leaf, path=()):
-    """The first key path (depth first) where two trees with equal key paths differ in node type."""
-    if type(a) is not type(b):
-        return path, type(a).__name__, type(b).__name__
-    children = [
-        jax.tree_util.tree_flatten_with_path(x, is_leaf=lambda y, x=x: y is not x or is_leaf(y))[0]
-        for x in (a, b)
-    ]
-    for (key, child_a), (_, child_b) in zip(*children):
-        if child_a is not a:
-            found = _first_node_difference(child_a, child_b, is_leaf, path + key)
-            if found is not None:
-                return found
+def _children(node):
+    """One level of a pytree node: its (key, child) pairs."""
+    return jax.tree_util.tree_flatten_with_path(node, is_leaf=lambda x: x is not node)[0]
+
+
+def first_difference(grads, tree, where, path=()):
+    """The first place (depth first) where ``tree`` does not have the grads' structure, or None.
+
+    Every leaf of ``grads`` may stand against any subtree of ``tree`` (a stored moment may be a
+    small node, or None for a leaf that keeps no moment); every node of ``grads`` must be met by
+    a node of the same type with the same keys. Returns a message naming the key path.
+    """
+    if grads is not None and jax.tree_util.treedef_is_leaf(jax.tree.structure(grads)):
+        return None
+    at = describe(path)
+    if type(grads) is not type(tree):
+        return (f"at {at} grads have a {type(grads).__name__} where {where} has a "
+                f"{type(tree).__name__}")
+    g_items, t_items = _children(grads), _children(tree)
+    g_keys = [describe(path + k) for k, _ in g_items]
+    t_keys = [describe(path + k) for k, _ in t_items]
+    for g_key, t_key in zip(g_keys, t_keys):
+        if g_key != t_key:
+            return f"grads have {g_key} where {where} has {t_key}"
+    if len(g_keys) != len(t_keys):
+        if len(g_keys) > len(t_keys):
+            return f"only the grads have {g_keys[len(t_keys)]}"
+        return f"only {where} has {t_keys[len(g_keys)]}"
+    one_level = [jax.tree.structure(x, is_leaf=lambda y, x=x: y is not x) for x in (grads, tree)]
+    if one_level[0] != one_level[1]:
+        return f"at {at} grads and {where} differ in the static fields of a {type(grads).__name__}"
+    for (key, g), (_, t) in zip(g_items, t_items):
+        found = first_difference(g, t, where, path + key)
+        if found is not None:
+            return found
     return None
 
 
-def check_same_structure(fn, grads, moments, *, is_leaf):
-    """Raises ValueError naming the first key path where ``grads`` and ``moments`` differ.
+def leaves_like(fn, where, grads_def, grads, tree):
+    """``tree`` cut at the leaves of ``grads``: one entry (a subtree, or None) per grad leaf.
 
-    Args:
-      fn: The public name to report.
-      grads: The gradient tree.
-      moments: A moment tree of the state (``mu``), flattened with ``is_leaf``.
-      is_leaf: Marks a stored moment (which may itself be a small pytree node) as one leaf.
-
-    Returns:
-      The flat lists ``(grad_leaves, moment_leaves)`` and the gradients' treedef.
+    Raises:
+      ValueError: naming ``where`` and the first key path where ``tree`` differs from ``grads``.
     """
-    g_paths, g_def = jax.tree_util.tree_flatten_with_path(grads)
-    m_paths, m_def = jax.tree_util.tree_flatten_with_path(moments, is_leaf=is_leaf)
-    if g_def != m_def:
-        g_keys = [_describe(p) for p, _ in g_paths]
-        m_keys = [_describe(p) for p, _ in m_paths]
-        for g_key, m_key in zip(g_keys, m_keys):
-            if g_key != m_key:
-                raise ValueError(
-                    f"{fn}: grads and state differ in tree structure: grads have {g_key} "
-                    f"where the state has {m_key}"
-                )
-        if len(g_keys) != len(m_keys):
-            longer, which = (g_keys, "grads") if len(g_keys) > len(m_keys) else (m_keys, "state")
-            raise ValueError(
-                f"{fn}: grads and state differ in tree structure: only the {which} have "
-                f"{longer[min(len(g_keys), len(m_keys))]}"
-            )
-        path, g_type, m_type = _first_node_difference(grads, moments, is_leaf)
-        raise ValueError(
-            f"{fn}: grads and state differ in node type at {_describe(path)}: grads have a "
-            f"{g_type} where the state has a {m_type}"
-        )
-    for (path, g), (_, m) in zip(g_paths, m_paths):
-        if np.shape(g) != tuple(m.shape):
-            raise ValueError(
-                f"{fn}: grads{_describe(path)} has shape {np.shape(g)} but the state expects "
-                f"{tuple(m.shape)}"
-            )
-    return [g for _, g in g_paths], [m for _, m in m_paths], g_def
+    try:
+        return grads_def.flatten_up_to(tree)
+    except (ValueError, TypeError):
+        found = first_difference(grads, tree, where) or "they differ in structure"
+        raise ValueError(f"{fn}: grads and {where} differ in tree structure: {found}") from None

@@ -2,6 +2,7 @@
 
 import numbers
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -66,3 +67,66 @@ def abs_sq(g):
     if jnp.iscomplexobj(g):
         return jnp.square(g.real) + jnp.square(g.imag)
     return jnp.square(g)
+
+
+# ---- Rounding a 16-bit param (param_rounding="stochastic" / "kahan") ------------------------------
+
+ROUNDINGS = ("nearest", "stochastic", "kahan")
+
+
+def rounds(dtype, mode):
+    """Whether ``mode`` changes how a param of ``dtype`` is written (only 16-bit floats round)."""
+    return mode != "nearest" and jnp.dtype(dtype) in (jnp.float16, jnp.bfloat16)
+
+
+def _mix32(x):
+    """A bijective 32-bit integer mixer (a murmur3-style finalizer): every input bit reaches every
+    output bit, so consecutive counters give unrelated outputs."""
+    x = x ^ (x >> 16)
+    x = x * np.uint32(0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = x * np.uint32(0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def random_bits(shape, *, seed, count, stream, sharding=None):
+    """Uniform uint32 bits for each element of an array of ``shape``, a pure function of
+    (seed, count, stream, element index): reproducible run to run, with no global RNG state.
+
+    The element index comes from iotas, so a sharded array gets the bits of its own elements,
+    the same on one device or many.
+    """
+    key = _mix32(jnp.asarray(seed, jnp.uint32) ^ np.uint32(0x9E3779B9))
+    key = _mix32(key ^ jnp.asarray(count, jnp.uint32))
+    key = _mix32(key ^ np.uint32(stream & 0xFFFFFFFF))
+    index = jnp.zeros(shape, jnp.uint32)
+    stride = 1
+    for dim in reversed(range(len(shape))):
+        iota = jax.lax.broadcasted_iota(jnp.uint32, shape, dim, out_sharding=sharding)
+        index = index + iota * np.uint32(stride & 0xFFFFFFFF)
+        stride *= shape[dim]
+    return _mix32(index * np.uint32(0x9E3779B9) + key)
+
+
+def stochastic_round(x, dtype, bits):
+    """Rounds float32 ``x`` to ``dtype`` (bfloat16 or float16), up with probability equal to the
+    distance from the lower neighbour in units of the gap: ``E[result] = x`` exactly.
+
+    ``bits``: uniform uint32 random bits of ``x``'s shape. Non-finite values pass through.
+    """
+    x = x.astype(jnp.float32)
+    if jnp.dtype(dtype) == jnp.bfloat16:
+        # bfloat16 is float32 without its low 16 bits: add random low bits, then cut them off.
+        raw = jax.lax.bitcast_convert_type(x, jnp.uint32)
+        cut = (raw + (bits >> 16)) & np.uint32(0xFFFF0000)
+        rounded = jax.lax.bitcast_convert_type(cut, jnp.float32)
+    else:
+        # float16: floor(|x| / gap + u) * gap, exact in float32 (|x| / gap < 2**11 and the gap is
+        # a power of two of at least 2**-24); the gap is float16's at |x|, subnormals included.
+        finfo = jnp.finfo(dtype)
+        raw = jax.lax.bitcast_convert_type(jnp.abs(x), jnp.uint32)
+        exponent = jnp.maximum((raw >> 23).astype(jnp.int32) - 127, finfo.minexp)
+        gap = jax.lax.bitcast_convert_type(((exponent - finfo.nmant + 127) << 23), jnp.float32)
+        u = (bits >> 8).astype(jnp.float32) * np.float32(2.0**-24)
+        rounded = jnp.copysign(jnp.floor(jnp.abs(x) / gap + u) * gap, x)
+    return jnp.where(jnp.isfinite(x), rounded, x).astype(dtype)

@@ -1,11 +1,12 @@
 """How a moment leaf is stored: the one place that knows the storage formats.
 
-A moment leaf is an array in its storage dtype, or, for the spec ``"int8"``
+A moment leaf is an array in its storage dtype; or, for the spec ``"int8"``
 (:func:`adamx.int8_moments`), a block-wise 8-bit :class:`adamx.Quantized` node (signed code for the
 first moment, unsigned for the second), or a float32 array for leaves below the spec's
-``min_size``. The update decodes it with :func:`load` into the
-compute dtype, does the math, and encodes the result with :func:`store`, so the math never sees
-the storage format and the state's dtypes never change across steps.
+``min_size``; or None for a param that is not trained (an integer or boolean leaf). The update
+decodes a moment with :func:`load` into the compute dtype, does the math, and encodes the result
+with :func:`store`, so the math never sees the storage format and the state's dtypes never change
+across steps.
 """
 
 import jax
@@ -15,56 +16,71 @@ import numpy as np
 from adamx import _quantize
 from adamx._numerics import complex_dtype, compute_dtype
 
-_ACCEPTED = 'None, a float dtype, or "int8"'
+_ACCEPTED = {
+    "mu_dtype": 'None, float16, bfloat16, float32, float64, complex64, complex128 or "int8"',
+    "nu_dtype": 'None, float16, bfloat16, float32, float64 or "int8"',
+}
 
 
 def check_spec(fn, name, spec):
-    """Validates a moment storage spec and returns it canonicalized.
+    """Validates a moment storage spec (``name`` is "mu_dtype" or "nu_dtype"); returns it canonical.
 
-    Accepted: None, a floating dtype, the string ``"int8"`` (canonicalized to
-    ``adamx.int8_moments()``) or an :class:`adamx.Int8Spec`.
+    Accepted: None, a float dtype of at least 16 bits (the first moment may also be complex),
+    the string ``"int8"`` (canonicalized to ``adamx.int8_moments()``) or an
+    :class:`adamx.Int8Spec`. 8-bit float dtypes are refused: without a per-block scale they
+    underflow and stall (use ``"int8"``, which keeps one).
 
     Raises:
       ValueError: If ``spec`` is none of these.
     """
     if spec is None or isinstance(spec, _quantize.Int8Spec):
         return spec
-    if isinstance(spec, str):
-        if spec == "int8":
-            return _quantize.int8_moments()
-        shown = f'"{spec}"'
-    else:
-        shown = repr(spec)
+    if isinstance(spec, str) and spec == "int8":
+        return _quantize.int8_moments()
     try:
         dtype = jnp.dtype(spec)
     except TypeError:
         dtype = None
-    if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
-        raise ValueError(f"{fn}: {name} must be one of {_ACCEPTED}, got {shown}")
+    allowed = (jnp.floating,) if name == "nu_dtype" else (jnp.floating, jnp.complexfloating)
+    if dtype is None or not any(jnp.issubdtype(dtype, kind) for kind in allowed) or (
+            jnp.finfo(dtype).bits < 16):
+        shown = f'"{spec}"' if isinstance(spec, str) else repr(spec)
+        raise ValueError(f"{fn}: {name} must be one of {_ACCEPTED[name]}, got {shown}")
     return dtype
+
+
+def trained(leaf):
+    """Whether a param or grad leaf is trained: float or complex. Integer and boolean params (and
+    the float0 gradients ``jax.grad(..., allow_int=True)`` gives them) keep no moments."""
+    return jnp.issubdtype(jnp.result_type(leaf), jnp.inexact)
 
 
 def zeros(param, spec, *, real):
     """A zero moment for ``param``, built with ``zeros_like`` so it follows the param's sharding.
 
     Args:
-      param: An array or ``jax.ShapeDtypeStruct``.
+      param: An array, scalar or ``jax.ShapeDtypeStruct``.
       spec: A canonical spec from :func:`check_spec`; None keeps the param's dtype (float32 for
         the second moment of a float16 or bfloat16 param).
       real: Whether the moment is real even for a complex param (the second moment is). Under
         an int8 spec it also picks the unsigned code (the second moment is never negative).
 
+    Returns:
+      The stored zero moment, or None for an integer or boolean param (not trained).
+
     Raises:
       TypeError: For an int8 first moment of a complex param.
     """
+    if not trained(param):
+        return None
+    param_dtype = jnp.result_type(param)
     if isinstance(spec, _quantize.Int8Spec):
-        if not real and jnp.issubdtype(param.dtype, jnp.complexfloating):
+        if not real and jnp.issubdtype(param_dtype, jnp.complexfloating):
             raise TypeError(
-                f'adamx: an int8 first moment needs real params, got a {param.dtype} leaf of '
-                f"shape {tuple(param.shape)}; keep mu_dtype a float dtype for complex params"
+                f'adamx: an int8 first moment needs real params, got a {param_dtype} leaf of '
+                f"shape {tuple(np.shape(param))}; keep mu_dtype a float dtype for complex params"
             )
         return _quantize.zeros(param, spec, signed=not real)
-    param_dtype = jnp.result_type(param)
     dtype = param_dtype if spec is None else spec
     if spec is None and real and param_dtype in (jnp.float16, jnp.bfloat16):
         # A 16-bit second moment fails: (1-b2) g^2 underflows in float16 for |g| < 1e-3, and in
@@ -72,17 +88,20 @@ def zeros(param, spec, *, real):
         dtype = jnp.dtype(jnp.float32)
     if real and jnp.issubdtype(dtype, jnp.complexfloating):
         dtype = jnp.finfo(dtype).dtype
-    elif not real and jnp.issubdtype(param_dtype, jnp.complexfloating):
+    elif spec is not None and not real and jnp.issubdtype(param_dtype, jnp.complexfloating):
         # A complex first moment keeps its imaginary part: the smallest complex dtype that holds
         # the spec (bfloat16, float16 or float32 -> complex64; float64 -> complex128).
         dtype = complex_dtype(compute_dtype(dtype))
     return jnp.zeros_like(param, dtype=dtype)
 
 
-def load(moment, dtype):
-    """Decodes a stored moment into ``dtype`` for the math."""
+def load(moment, dtype, shape):
+    """Decodes a stored moment into ``dtype`` (a real one takes the real part) and ``shape``."""
+    del shape  # every format here knows its own shape
     if isinstance(moment, _quantize.Quantized):
         return _quantize.dequantize(moment, dtype)
+    if jnp.iscomplexobj(moment) and not jnp.issubdtype(dtype, jnp.complexfloating):
+        moment = moment.real
     return moment.astype(dtype)
 
 
@@ -93,9 +112,29 @@ def store(value, moment):
     return value.astype(moment.dtype)
 
 
-def is_moment_leaf(x):
-    """Marks a stored moment as one leaf when flattening a moment tree."""
-    return isinstance(x, (jax.Array, np.ndarray, _quantize.Quantized))
+def check_leaf(fn, where, moment, grad):
+    """Raises ValueError (naming ``where``) if a stored moment cannot be the moment of ``grad``.
+
+    ``where`` names the leaf, e.g. ``state.nu['w']``. A trained grad needs a moment of its shape
+    (an inexact array, or a quantized node); an untrained one (integer or float0) needs None.
+    """
+    if not trained(grad):
+        if moment is not None:
+            raise ValueError(f"{fn}: {where} must be None for an integer or float0 gradient (an "
+                             f"untrained leaf keeps no moment), got {type(moment).__name__}")
+        return
+    if isinstance(moment, _quantize.Quantized):
+        shape, ok = moment.shape, True
+    else:
+        dtype = getattr(moment, "dtype", None)
+        shape = getattr(moment, "shape", None)
+        ok = dtype is not None and jnp.issubdtype(dtype, jnp.inexact)
+    if not ok:
+        raise ValueError(f"{fn}: {where} must be a float array for a float gradient, got "
+                         f"{getattr(moment, 'dtype', type(moment).__name__)}")
+    if tuple(shape) != tuple(np.shape(grad)):
+        raise ValueError(f"{fn}: {where} has shape {tuple(shape)} where the grads have "
+                         f"{tuple(np.shape(grad))}")
 
 
 def nbytes(tree):

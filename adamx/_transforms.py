@@ -11,46 +11,45 @@ References:
   Dozat, 2016, Incorporating Nesterov Momentum into Adam, https://openreview.net/pdf?id=OM0jvwB8jIp57ZJjtNEZ
 """
 
+from typing import Any, Optional
+
 import optax
+from jax.typing import ArrayLike
 
-from adamx import _storage
-from adamx._checks import check_learning_rate
-from adamx._state import init
-from adamx._update import Rule, apply_rule, check_hyperparams, check_rule, resolve_learning_rate
+from adamx import _state, _storage
+from adamx._update import Hyperparams, Mask, Rule, step
 
 
-def _transformation(
-    fn, *, learning_rate, b1, b2, eps, eps_root, weight_decay=0.0, mask=None,
-    mu_dtype=None, nu_dtype=None, amsgrad=False, rule=Rule(),
-):
+def _transformation(fn, hp, rule, *, mask=None, mu_dtype=None, nu_dtype=None):
     """Validates once, then closes over the hyperparameters for init/update."""
-    check_rule(fn, rule)
-    if learning_rate is not None:
-        check_learning_rate(fn, learning_rate)
-    check_hyperparams(fn, b1=b1, b2=b2, eps=eps, eps_root=eps_root, weight_decay=weight_decay)
+    rule.check(fn)
+    hp.check(fn, scaled=fn != "adamx.scale_by_adam")
     mu_spec = _storage.check_spec(fn, "mu_dtype", mu_dtype)
     nu_spec = _storage.check_spec(fn, "nu_dtype", nu_dtype)
 
     def init_fn(params):
-        return init(params, mu_dtype=mu_spec, nu_dtype=nu_spec, amsgrad=amsgrad)
+        return _state.zeros(params, mu_spec=mu_spec, nu_spec=nu_spec, amsgrad=rule.amsgrad,
+                            kahan=rule.kahan)
 
     def update_fn(updates, state, params=None, **extra_args):
         del extra_args
-        scale = None
-        if learning_rate is not None:
-            scale = -resolve_learning_rate(learning_rate, state.count)
-        return apply_rule(
-            fn, updates, state, params, scale=scale, b1=b1, b2=b2, eps=eps, eps_root=eps_root,
-            weight_decay=weight_decay, mask=mask, rule=rule,
-        )
+        return step(fn, updates, state, params, hp, rule, mask)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
 def scale_by_adam(
-    b1=0.9, b2=0.999, eps=1e-8, eps_root=0.0, mu_dtype=None, *,
-    nu_dtype=None, nesterov=False, eps_hat=False, maximize=False,
-):
+    b1: ArrayLike = 0.9,
+    b2: ArrayLike = 0.999,
+    eps: ArrayLike = 1e-8,
+    eps_root: ArrayLike = 0.0,
+    mu_dtype: Optional[Any] = None,
+    *,
+    nu_dtype: Optional[Any] = None,
+    nesterov: bool = False,
+    eps_hat: bool = False,
+    maximize: bool = False,
+) -> optax.GradientTransformationExtraArgs:
     r"""Rescales updates by Adam's bias-corrected moments: :math:`\hat m_t / (\sqrt{\hat v_t} + \epsilon)`.
 
     The learning rate is not applied (chain with ``optax.scale_by_learning_rate``, or use
@@ -82,16 +81,27 @@ def scale_by_adam(
       Array([-0.1,  0.1], dtype=float32)
     """
     return _transformation(
-        "adamx.scale_by_adam", learning_rate=None, b1=b1, b2=b2, eps=eps, eps_root=eps_root,
+        "adamx.scale_by_adam", Hyperparams(None, b1, b2, eps, eps_root),
+        Rule(eps_hat=eps_hat, maximize=maximize, nesterov=nesterov),
         mu_dtype=mu_dtype, nu_dtype=nu_dtype,
-        rule=Rule(eps_hat=eps_hat, maximize=maximize, nesterov=nesterov),
     )
 
 
 def adam(
-    learning_rate, b1=0.9, b2=0.999, eps=1e-8, eps_root=0.0, mu_dtype=None, *,
-    nu_dtype=None, nesterov=False, eps_hat=False, maximize=False,
-):
+    learning_rate: optax.ScalarOrSchedule,
+    b1: ArrayLike = 0.9,
+    b2: ArrayLike = 0.999,
+    eps: ArrayLike = 1e-8,
+    eps_root: ArrayLike = 0.0,
+    mu_dtype: Optional[Any] = None,
+    *,
+    nu_dtype: Optional[Any] = None,
+    nesterov: bool = False,
+    eps_hat: bool = False,
+    maximize: bool = False,
+    param_rounding: str = "nearest",
+    seed: ArrayLike = 0,
+) -> optax.GradientTransformationExtraArgs:
     r"""Adam (Kingma & Ba, 2014): :math:`u_t = -\eta\, \hat m_t / (\sqrt{\hat v_t} + \epsilon)`.
 
     See :func:`adamx.update` for the equations. ``init`` returns an :class:`adamx.AdamState`.
@@ -108,6 +118,9 @@ def adam(
       eps_hat: Kingma & Ba's epsilon-hat form. ``adam(1e-3, eps=1e-7, eps_hat=True)`` is
         ``keras.optimizers.Adam(learning_rate=1e-3)`` step for step.
       maximize: Ascend instead of descend, as ``torch.optim.Adam(maximize=True)``.
+      param_rounding: How float16 and bfloat16 params take their step: ``"nearest"``,
+        ``"stochastic"`` or ``"kahan"`` (see :func:`adamx.update`); updates then need the params.
+      seed: The seed of stochastic rounding, an integer in [0, 2**32).
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``.
@@ -130,17 +143,30 @@ def adam(
       ([0.7016, -0.7016], 3)
     """
     return _transformation(
-        "adamx.adam", learning_rate=learning_rate, b1=b1, b2=b2, eps=eps, eps_root=eps_root,
+        "adamx.adam", Hyperparams(learning_rate, b1, b2, eps, eps_root, seed=seed),
+        Rule(eps_hat=eps_hat, maximize=maximize, nesterov=nesterov,
+             param_rounding=param_rounding),
         mu_dtype=mu_dtype, nu_dtype=nu_dtype,
-        rule=Rule(eps_hat=eps_hat, maximize=maximize, nesterov=nesterov),
     )
 
 
 def adamw(
-    learning_rate, b1=0.9, b2=0.999, eps=1e-8, eps_root=0.0, mu_dtype=None,
-    weight_decay=1e-4, mask=None, *, nu_dtype=None, nesterov=False, eps_hat=False,
-    maximize=False,
-):
+    learning_rate: optax.ScalarOrSchedule,
+    b1: ArrayLike = 0.9,
+    b2: ArrayLike = 0.999,
+    eps: ArrayLike = 1e-8,
+    eps_root: ArrayLike = 0.0,
+    mu_dtype: Optional[Any] = None,
+    weight_decay: ArrayLike = 1e-4,
+    mask: Mask = None,
+    *,
+    nu_dtype: Optional[Any] = None,
+    nesterov: bool = False,
+    eps_hat: bool = False,
+    maximize: bool = False,
+    param_rounding: str = "nearest",
+    seed: ArrayLike = 0,
+) -> optax.GradientTransformationExtraArgs:
     r"""AdamW: Adam with decoupled weight decay (Loshchilov & Hutter, 2019).
 
     :math:`u_t = -\eta(\hat m_t/(\sqrt{\hat v_t}+\epsilon) + \lambda\theta)`.
@@ -162,6 +188,7 @@ def adamw(
       nesterov: NAdamW (optax's form); see :func:`nadamw`.
       eps_hat: Kingma & Ba's epsilon-hat form.
       maximize: Negate the gradients on entry (the decay still shrinks the params).
+      param_rounding, seed: As in :func:`adam`.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``.
@@ -180,16 +207,27 @@ def adamw(
       (Array([-0.2], dtype=float32), Array([-0.1], dtype=float32))
     """
     return _transformation(
-        "adamx.adamw", learning_rate=learning_rate, b1=b1, b2=b2, eps=eps, eps_root=eps_root,
-        weight_decay=weight_decay, mask=mask, mu_dtype=mu_dtype, nu_dtype=nu_dtype,
-        rule=Rule(eps_hat=eps_hat, maximize=maximize, nesterov=nesterov),
+        "adamx.adamw", Hyperparams(learning_rate, b1, b2, eps, eps_root, weight_decay, seed),
+        Rule(eps_hat=eps_hat, maximize=maximize, nesterov=nesterov,
+             param_rounding=param_rounding),
+        mask=mask, mu_dtype=mu_dtype, nu_dtype=nu_dtype,
     )
 
 
 def nadam(
-    learning_rate, b1=0.9, b2=0.999, eps=1e-8, eps_root=0.0, mu_dtype=None, *,
-    nu_dtype=None, eps_hat=False, maximize=False,
-):
+    learning_rate: optax.ScalarOrSchedule,
+    b1: ArrayLike = 0.9,
+    b2: ArrayLike = 0.999,
+    eps: ArrayLike = 1e-8,
+    eps_root: ArrayLike = 0.0,
+    mu_dtype: Optional[Any] = None,
+    *,
+    nu_dtype: Optional[Any] = None,
+    eps_hat: bool = False,
+    maximize: bool = False,
+    param_rounding: str = "nearest",
+    seed: ArrayLike = 0,
+) -> optax.GradientTransformationExtraArgs:
     r"""NAdam (Dozat, 2016) in optax's form: :func:`adam` with ``nesterov=True``.
 
     The first moment is looked ahead one step:
@@ -197,7 +235,8 @@ def nadam(
 
     Args:
       learning_rate: A number, an array, or an optax schedule.
-      b1, b2, eps, eps_root, mu_dtype, nu_dtype, eps_hat, maximize: As in :func:`adam`.
+      b1, b2, eps, eps_root, mu_dtype, nu_dtype, eps_hat, maximize, param_rounding, seed: As in
+        :func:`adam`.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``.
@@ -213,21 +252,34 @@ def nadam(
       >>> [round(u, 4) for u in updates.tolist()], bool(jnp.allclose(updates, reference))
       ([-0.1474, 0.1474], True)
     """
-    return adam(
-        learning_rate, b1, b2, eps, eps_root, mu_dtype, nu_dtype=nu_dtype, nesterov=True,
-        eps_hat=eps_hat, maximize=maximize,
+    return _transformation(
+        "adamx.nadam", Hyperparams(learning_rate, b1, b2, eps, eps_root, seed=seed),
+        Rule(eps_hat=eps_hat, maximize=maximize, nesterov=True, param_rounding=param_rounding),
+        mu_dtype=mu_dtype, nu_dtype=nu_dtype,
     )
 
 
 def nadamw(
-    learning_rate, b1=0.9, b2=0.999, eps=1e-8, eps_root=0.0, mu_dtype=None,
-    weight_decay=1e-4, mask=None, *, nu_dtype=None, eps_hat=False, maximize=False,
-):
+    learning_rate: optax.ScalarOrSchedule,
+    b1: ArrayLike = 0.9,
+    b2: ArrayLike = 0.999,
+    eps: ArrayLike = 1e-8,
+    eps_root: ArrayLike = 0.0,
+    mu_dtype: Optional[Any] = None,
+    weight_decay: ArrayLike = 1e-4,
+    mask: Mask = None,
+    *,
+    nu_dtype: Optional[Any] = None,
+    eps_hat: bool = False,
+    maximize: bool = False,
+    param_rounding: str = "nearest",
+    seed: ArrayLike = 0,
+) -> optax.GradientTransformationExtraArgs:
     """NAdamW: :func:`adamw` with ``nesterov=True`` (optax's form).
 
     Args:
       learning_rate, b1, b2, eps, eps_root, mu_dtype, weight_decay, mask, nu_dtype, eps_hat,
-      maximize: As in :func:`adamw`.
+      maximize, param_rounding, seed: As in :func:`adamw`.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``.
@@ -244,17 +296,30 @@ def nadamw(
       >>> bool(jnp.allclose(updates, reference))
       True
     """
-    return adamw(
-        learning_rate, b1, b2, eps, eps_root, mu_dtype, weight_decay, mask, nu_dtype=nu_dtype,
-        nesterov=True, eps_hat=eps_hat, maximize=maximize,
+    return _transformation(
+        "adamx.nadamw", Hyperparams(learning_rate, b1, b2, eps, eps_root, weight_decay, seed),
+        Rule(eps_hat=eps_hat, maximize=maximize, nesterov=True, param_rounding=param_rounding),
+        mask=mask, mu_dtype=mu_dtype, nu_dtype=nu_dtype,
     )
 
 
 def amsgrad(
-    learning_rate, b1=0.9, b2=0.999, eps=1e-8, eps_root=0.0, mu_dtype=None, *,
-    nu_dtype=None, eps_hat=False, maximize=False, weight_decay=0.0, mask=None,
-    max_bias_corrected=False,
-):
+    learning_rate: optax.ScalarOrSchedule,
+    b1: ArrayLike = 0.9,
+    b2: ArrayLike = 0.999,
+    eps: ArrayLike = 1e-8,
+    eps_root: ArrayLike = 0.0,
+    mu_dtype: Optional[Any] = None,
+    *,
+    nu_dtype: Optional[Any] = None,
+    eps_hat: bool = False,
+    maximize: bool = False,
+    weight_decay: ArrayLike = 0.0,
+    mask: Mask = None,
+    max_bias_corrected: bool = False,
+    param_rounding: str = "nearest",
+    seed: ArrayLike = 0,
+) -> optax.GradientTransformationExtraArgs:
     r"""AMSGrad (Reddi et al., 2018): Adam whose second moment never decreases.
 
     The state keeps ``nu_max``. By default it is the maximum of the raw :math:`v_t`, bias-corrected
@@ -264,7 +329,8 @@ def amsgrad(
 
     Args:
       learning_rate: A number, an array, or an optax schedule.
-      b1, b2, eps, eps_root, mu_dtype, nu_dtype, eps_hat, maximize: As in :func:`adam`.
+      b1, b2, eps, eps_root, mu_dtype, nu_dtype, eps_hat, maximize, param_rounding, seed: As in
+        :func:`adam`.
       weight_decay: Decoupled weight decay (as :func:`adamw`); 0 disables it.
       mask: Which leaves decay, as in :func:`adamw`.
       max_bias_corrected: Take the maximum of the bias-corrected second moment (optax).
@@ -286,13 +352,23 @@ def amsgrad(
       True
     """
     return _transformation(
-        "adamx.amsgrad", learning_rate=learning_rate, b1=b1, b2=b2, eps=eps, eps_root=eps_root,
-        weight_decay=weight_decay, mask=mask, mu_dtype=mu_dtype, nu_dtype=nu_dtype, amsgrad=True,
-        rule=Rule(eps_hat=eps_hat, maximize=maximize, max_bias_corrected=max_bias_corrected),
+        "adamx.amsgrad", Hyperparams(learning_rate, b1, b2, eps, eps_root, weight_decay, seed),
+        Rule(eps_hat=eps_hat, maximize=maximize, amsgrad=True,
+             max_bias_corrected=max_bias_corrected, param_rounding=param_rounding),
+        mask=mask, mu_dtype=mu_dtype, nu_dtype=nu_dtype,
     )
 
 
-def adamax(learning_rate, b1=0.9, b2=0.999, eps=1e-8, *, maximize=False):
+def adamax(
+    learning_rate: optax.ScalarOrSchedule,
+    b1: ArrayLike = 0.9,
+    b2: ArrayLike = 0.999,
+    eps: ArrayLike = 1e-8,
+    *,
+    maximize: bool = False,
+    param_rounding: str = "nearest",
+    seed: ArrayLike = 0,
+) -> optax.GradientTransformationExtraArgs:
     r"""AdaMax (Kingma & Ba, 2014, section 7.1): Adam under the infinity norm.
 
     .. math::
@@ -309,6 +385,7 @@ def adamax(learning_rate, b1=0.9, b2=0.999, eps=1e-8, *, maximize=False):
       b2: Decay of the infinity norm, in [0, 1).
       eps: Floor on the norm; >= 0.
       maximize: Negate the gradients on entry.
+      param_rounding, seed: As in :func:`adam`.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``.
@@ -324,6 +401,6 @@ def adamax(learning_rate, b1=0.9, b2=0.999, eps=1e-8, *, maximize=False):
       (Array([-0.1,  0.1], dtype=float32), Array([2. , 0.5], dtype=float32))
     """
     return _transformation(
-        "adamx.adamax", learning_rate=learning_rate, b1=b1, b2=b2, eps=eps, eps_root=0.0,
-        rule=Rule(maximize=maximize, infinity_norm=True),
+        "adamx.adamax", Hyperparams(learning_rate, b1, b2, eps, seed=seed),
+        Rule(maximize=maximize, infinity_norm=True, param_rounding=param_rounding),
     )

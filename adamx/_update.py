@@ -1,56 +1,100 @@
-"""Adam's update: the math for one leaf, lifted once to pytrees, and the public :func:`update`."""
+"""Adam's update: the math for one leaf, lifted once to pytrees, and the public :func:`update`.
+
+Plain JAX only: nothing here dispatches to native code, reads a file or a global switch, so
+every step traces to the same computation on every backend and exports with ``jax.export``.
+"""
 
 import dataclasses
+from typing import Any, Callable, NamedTuple, Optional, Union
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
+from jax.typing import ArrayLike
 
-from adamx import _kernel, _numerics, _storage
+from adamx import _numerics, _state, _storage
 from adamx._checks import (
     check_bool,
+    check_choice,
     check_in_unit_interval,
     check_learning_rate,
     check_non_negative,
-    check_same_structure,
+    check_seed,
     concrete_float,
+    leaves_like,
+    traced_checks,
 )
-from adamx._state import AdamState
+
+PyTree = Any
+Mask = Optional[Union[PyTree, Callable[[PyTree], PyTree]]]
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class Rule:
     """Static choices of the update rule (which variant of Adam), fixed at trace time."""
 
     eps_hat: bool = False
     maximize: bool = False
     nesterov: bool = False
+    amsgrad: bool = False
     max_bias_corrected: bool = False
     infinity_norm: bool = False
+    param_rounding: str = "nearest"
+
+    def check(self, fn):
+        """Rejects values and combinations that have no defined meaning."""
+        check_bool(fn, **{k: v for k, v in dataclasses.asdict(self).items()
+                          if k != "param_rounding"})
+        check_choice(fn, "param_rounding", self.param_rounding, _numerics.ROUNDINGS)
+        if self.max_bias_corrected and not self.amsgrad:
+            raise ValueError(f"{fn}: max_bias_corrected=True is an AMSGrad option (amsgrad=True)")
+        if self.eps_hat and self.max_bias_corrected:
+            raise ValueError(
+                f"{fn}: eps_hat=True uses the raw second moment, so it cannot be combined with "
+                "max_bias_corrected=True (the maximum of the bias-corrected one)"
+            )
+
+    @property
+    def kahan(self):
+        return self.param_rounding == "kahan"
 
 
-def check_rule(fn, rule):
-    """Rejects option combinations that have no defined meaning."""
-    check_bool(fn, **dataclasses.asdict(rule))
-    if rule.eps_hat and rule.max_bias_corrected:
-        raise ValueError(
-            f"{fn}: eps_hat=True uses the raw second moment, so it cannot be combined with "
-            "max_bias_corrected=True (the maximum of the bias-corrected one)"
-        )
+class Hyperparams(NamedTuple):
+    """The numeric hyperparameters: each a Python number or a (possibly traced) array.
+
+    The one list of them: :func:`update`, :func:`adamx.apply` and every factory build one of
+    these, :meth:`check` validates it, and :func:`step` reads it.
+    """
+
+    learning_rate: Any  # a number, an array, a schedule, or None for scale_by_adam
+    b1: Any = 0.9
+    b2: Any = 0.999
+    eps: Any = 1e-8
+    eps_root: Any = 0.0
+    weight_decay: Any = 0.0
+    seed: Any = 0
+
+    def check(self, fn, *, scaled=True):
+        """Range checks of concrete values (tracers pass; see ``_checks.traced_checks``).
+
+        ``scaled=False`` is for ``scale_by_adam``, which has no learning rate (None).
+        """
+        if scaled:
+            check_learning_rate(fn, self.learning_rate)
+        check_in_unit_interval(fn, b1=self.b1, b2=self.b2)
+        check_non_negative(fn, eps=self.eps, eps_root=self.eps_root,
+                           weight_decay=self.weight_decay)
+        check_seed(fn, self.seed)
+        return self
 
 
-def check_hyperparams(fn, *, b1, b2, eps, eps_root=0.0, weight_decay=0.0):
-    """Range checks shared by every entry point (concrete values only; tracers pass)."""
-    check_in_unit_interval(fn, b1=b1, b2=b2)
-    check_non_negative(fn, eps=eps, eps_root=eps_root, weight_decay=weight_decay)
-
-
-def step_scalars(dtype, t, *, b1, b2, eps, eps_root, weight_decay, rule):
+def step_scalars(dtype, t, hp, rule):
     """Per-dtype scalars, computed once per step rather than once per leaf."""
-    omb1, omb2 = _numerics.one_minus(b1), _numerics.one_minus(b2)
+    omb1, omb2 = _numerics.one_minus(hp.b1), _numerics.one_minus(hp.b2)
     s = {
-        "b1": b1, "omb1": omb1, "b2": b2, "omb2": omb2,
-        "eps": eps, "eps_root": eps_root, "weight_decay": weight_decay,
+        "b1": hp.b1, "omb1": omb1, "b2": hp.b2, "omb2": omb2,
+        "eps": hp.eps, "eps_root": hp.eps_root, "weight_decay": hp.weight_decay,
         # Bias corrections in float32 or wider: 1 - 0.999**t in bfloat16 rounds to 0 or 1.
         "bc1": _numerics.bias_correction(omb1, t, dtype),
     }
@@ -63,42 +107,30 @@ def step_scalars(dtype, t, *, b1, b2, eps, eps_root, weight_decay, rule):
     return {k: jnp.asarray(v, dtype) for k, v in s.items()}
 
 
-def _leaf_update(g, mu, nu, nu_max, p, decay, scale, s, rule, moments=None):
-    """One leaf of Adam, in the compute dtype; returns (update, mu, nu, nu_max) as stored.
-
-    ``moments``: this step's (m, v) when the CPU kernel has already computed them.
-    """
+def _moments(g, mu, nu, nu_max, s, rule):
+    """This step's (m, v) and the v the step divides by, with the new AMSGrad maximum."""
     real = s["b1"].dtype
-    g = jnp.asarray(g, _numerics.complex_dtype(real) if jnp.iscomplexobj(g) else real)
-    if rule.maximize:
-        g = -g
-    if moments is not None:
-        m, v = moments
+    m = _storage.load(mu, g.dtype, g.shape)
+    v = _storage.load(nu, real, g.shape)
+    m = s["omb1"].astype(g.dtype) * g + s["b1"].astype(g.dtype) * m
+    if rule.infinity_norm:
+        v = jnp.maximum(jnp.abs(g) + s["eps"], s["b2"] * v)
     else:
-        m = _storage.load(mu, g.dtype)
-        v = _storage.load(nu, real)
-        m = s["omb1"].astype(g.dtype) * g + s["b1"].astype(g.dtype) * m
-        if rule.infinity_norm:
-            v = jnp.maximum(jnp.abs(g) + s["eps"], s["b2"] * v)
-        else:
-            v = s["omb2"] * _numerics.abs_sq(g) + s["b2"] * v
+        v = s["omb2"] * _numerics.abs_sq(g) + s["b2"] * v
+    if nu_max is None:
+        return m, v, v, None
+    previous = _storage.load(nu_max, real, g.shape)
+    new_max = jnp.maximum(previous, v / s["bc2"] if rule.max_bias_corrected else v)
+    return m, v, new_max, new_max
 
+
+def _direction(g, m, v_used, p, decay, s, rule):
+    """The step before the learning rate: bias-corrected m over the root of v, plus decay."""
     if rule.nesterov:
-        m_hat = (s["b1"] / s["bc1_next"]).astype(g.dtype) * m + (s["omb1"] / s["bc1"]).astype(
-            g.dtype
-        ) * g
+        m_hat = ((s["b1"] / s["bc1_next"]).astype(g.dtype) * m
+                 + (s["omb1"] / s["bc1"]).astype(g.dtype) * g)
     else:
         m_hat = m / s["bc1"].astype(g.dtype)
-
-    v_used, new_max = v, None
-    if nu_max is not None:
-        previous = _storage.load(nu_max, real)
-        if rule.max_bias_corrected:
-            new_max = jnp.maximum(previous, v / s["bc2"])
-        else:
-            new_max = jnp.maximum(previous, v)
-        v_used = new_max
-
     if rule.infinity_norm:
         direction = m_hat / v_used.astype(g.dtype)
     elif rule.eps_hat:
@@ -107,37 +139,31 @@ def _leaf_update(g, mu, nu, nu_max, p, decay, scale, s, rule, moments=None):
     else:
         v_hat = v_used if rule.max_bias_corrected else v_used / s["bc2"]
         direction = m_hat / (jnp.sqrt(v_hat + s["eps_root"]) + s["eps"]).astype(g.dtype)
-
     if decay:
         direction = direction + s["weight_decay"].astype(g.dtype) * p.astype(g.dtype)
-    if scale is not None:
-        direction = scale.astype(g.dtype) * direction
-    stored_max = None if nu_max is None else _storage.store(new_max, nu_max)
-    return direction, _storage.store(m, mu), _storage.store(v, nu), stored_max
+    return direction
 
 
-def _kernel_moments(g_leaves, mu_leaves, nu_leaves, s, rule):
-    """Per leaf, this step's (m, v) from the CPU moment kernel, or None for the plain path.
+def _write(p, c, delta, rule, bits):
+    """The update of a 16-bit param under stochastic or Kahan rounding, and the new compensation.
 
-    The kernel takes the non-empty leaves whose grad and both moments are float32 arrays, when
-    it runs here at all (see ``adamx/_kernel.py``). Adamax's second moment is a maximum, not a
-    moving average, and maximize=True negates g first (GCC and XLA then contract the moment's
-    multiply-add into different FMAs): both stay on the plain path.
+    The new param is rounded here, and the update returned is its exact difference from the
+    old one in float32, so ``optax.apply_updates`` (``p + u`` in float32, then cast back) lands
+    on exactly that param. The compensation is what the param could not hold, measured against
+    the param ``apply_updates`` will produce.
     """
-    found = [None] * len(g_leaves)
-    if s is None or rule.infinity_norm or rule.maximize or not _kernel.kernel_here()[0]:
-        return found
-    picked = [k for k, leaf in enumerate(zip(g_leaves, mu_leaves, nu_leaves))
-              if all(map(_kernel.is_f32, leaf)) and np.size(leaf[0])]
-    if not picked:
-        return found
-    new_m, new_v = _kernel.moments(
-        [g_leaves[k] for k in picked], [mu_leaves[k] for k in picked],
-        [nu_leaves[k] for k in picked],
-        b1=s["b1"], omb1=s["omb1"], b2=s["b2"], omb2=s["omb2"])
-    for k, m, v in zip(picked, new_m, new_v):
-        found[k] = (m, v)
-    return found
+    p32 = p.astype(jnp.float32)
+    if rule.kahan:
+        exact = p32 + (delta + c.astype(jnp.float32))
+        target = exact.astype(p.dtype)
+    else:
+        exact = p32 + delta
+        target = _numerics.stochastic_round(exact, p.dtype, bits)
+    u = target.astype(jnp.float32) - p32
+    if not rule.kahan:
+        return u, None
+    landed = (p32 + u).astype(p.dtype).astype(jnp.float32)
+    return u, (exact - landed).astype(c.dtype)
 
 
 def decay_flags(fn, treedef, grads, params, weight_decay, mask):
@@ -145,9 +171,7 @@ def decay_flags(fn, treedef, grads, params, weight_decay, mask):
     if concrete_float(fn, "weight_decay", weight_decay) == 0:
         return [False] * treedef.num_leaves
     if params is None:
-        raise ValueError(
-            f"{fn}: weight decay needs the params: call update(grads, state, params)"
-        )
+        raise ValueError(f"{fn}: weight decay needs the params: call update(grads, state, params)")
     if mask is None:
         return [True] * treedef.num_leaves
     mask_tree = mask(params) if callable(mask) else mask
@@ -164,100 +188,102 @@ def decay_flags(fn, treedef, grads, params, weight_decay, mask):
     return [bool(f) for f in flags]
 
 
-def apply_rule(
-    fn, grads, state, params, *, scale, b1, b2, eps, eps_root, weight_decay, mask, rule
-):
-    """The single implementation behind :func:`update` and every optax factory.
+def step(fn, grads, state, params, hp, rule, mask=None):
+    """The single implementation behind :func:`update`, :func:`adamx.apply` and every factory.
 
     Args:
       fn: The public name used in error messages.
-      scale: Multiplies the final update (``-learning_rate``), or None to return the direction.
-      (the rest: see :func:`update`)
+      grads, state, params, mask: See :func:`update`.
+      hp: The :class:`Hyperparams`; a None learning rate returns the direction itself
+        (``scale_by_adam``).
+      rule: The :class:`Rule`.
 
     Returns:
       ``(updates, new_state)``.
     """
-    if rule.max_bias_corrected and state.nu_max is None:
-        raise ValueError(
-            f"{fn}: max_bias_corrected=True needs an AMSGrad state (adamx.init(..., amsgrad=True))"
-        )
-    if rule.infinity_norm and state.nu_max is not None:
-        raise ValueError(f"{fn}: AdaMax keeps no nu_max, but the state has one (amsgrad=True)")
-    g_leaves, mu_leaves, treedef = check_same_structure(
-        fn, grads, state.mu, is_leaf=_storage.is_moment_leaf
-    )
-    nu_leaves = jax.tree.leaves(state.nu, is_leaf=_storage.is_moment_leaf)
-    if state.nu_max is None:
-        max_leaves = [None] * len(g_leaves)
-    else:
-        max_leaves = jax.tree.leaves(state.nu_max, is_leaf=_storage.is_moment_leaf)
-    decay = decay_flags(fn, treedef, grads, params, weight_decay, mask)
-    p_leaves = treedef.flatten_up_to(params) if any(decay) else [None] * len(g_leaves)
+    g_leaves, treedef, fields = _state.check(fn, state, grads, amsgrad=rule.amsgrad,
+                                             kahan=rule.kahan)
+    n = len(g_leaves)
+    lr = hp.learning_rate
+    if callable(lr):
+        lr = lr(state.count)  # a schedule reads the count before this step, as in optax
+    traced_checks(fn, learning_rate=lr, b1=hp.b1, b2=hp.b2, eps=hp.eps, eps_root=hp.eps_root,
+                  weight_decay=hp.weight_decay, count=state.count)
+    decay = decay_flags(fn, treedef, grads, params, hp.weight_decay, mask)
+    rounded = [_storage.trained(g) and _numerics.rounds(getattr(g, "dtype", np.float32),
+                                                         rule.param_rounding) for g in g_leaves]
+    if lr is None and any(rounded):
+        raise ValueError(f"{fn}: param_rounding needs the learning rate (the rounded step)")
+    if params is None and any(rounded):
+        raise ValueError(f"{fn}: param_rounding={rule.param_rounding!r} needs the params: call "
+                         "update(grads, state, params)")
+    p_leaves = [None] * n if params is None else leaves_like(fn, "params", treedef, grads, params)
 
     count = _numerics.safe_increment(state.count)
     scalars = {}
-    for g in g_leaves:
-        dtype = _numerics.compute_dtype(jnp.result_type(g))
+    none = [None] * n
+    mu, nu = fields["mu"], fields["nu"]
+    nu_max, comp = fields["nu_max"] or none, fields["compensation"] or none
+    out = {"u": [], "mu": [], "nu": [], "nu_max": [], "compensation": []}
+    for k, g in enumerate(g_leaves):
+        p = p_leaves[k]
+        if not _storage.trained(g):
+            # An integer param is not trained: a zero update in its own dtype.
+            zero = jnp.zeros(np.shape(g), jnp.result_type(p if p is not None else g))
+            for name, value in (("u", zero), ("mu", None), ("nu", None), ("nu_max", None),
+                                ("compensation", None)):
+                out[name].append(value)
+            continue
+        g = jnp.asarray(g)
+        dtype = _numerics.compute_dtype(g.dtype)
         if dtype not in scalars:
-            scalars[dtype] = step_scalars(
-                dtype, count, b1=b1, b2=b2, eps=eps, eps_root=eps_root,
-                weight_decay=weight_decay, rule=rule,
-            )
-    moments = _kernel_moments(g_leaves, mu_leaves, nu_leaves, scalars.get(jnp.dtype(jnp.float32)),
-                              rule)
-    outputs = []
-    leaves = zip(g_leaves, mu_leaves, nu_leaves, max_leaves, p_leaves, decay, moments)
-    for g, mu, nu, nu_max, p, d, mv in leaves:
-        dtype = _numerics.compute_dtype(jnp.result_type(g))
-        leaf_scale = None if scale is None else jnp.asarray(scale, dtype)
-        u, mu, nu, nu_max = _leaf_update(g, mu, nu, nu_max, p, d, leaf_scale, scalars[dtype], rule,
-                                         mv)
-        outputs.append((u.astype(jnp.result_type(g)), mu, nu, nu_max))
+            scalars[dtype] = step_scalars(dtype, count, hp, rule)
+        s = scalars[dtype]
+        g_c = g.astype(_numerics.complex_dtype(dtype) if jnp.iscomplexobj(g) else dtype)
+        if rule.maximize:
+            g_c = -g_c
+        m, v, v_used, new_max = _moments(g_c, mu[k], nu[k], nu_max[k], s, rule)
+        u = _direction(g_c, m, v_used, p, decay[k], s, rule)
+        c = comp[k]
+        if lr is not None:
+            u = jnp.asarray(-lr, dtype).astype(g_c.dtype) * u
+        if rounded[k]:
+            bits = None if rule.kahan else _numerics.random_bits(
+                g.shape, seed=hp.seed, count=count, stream=k, sharding=jax.typeof(g).sharding)
+            u, c = _write(p, c, u, rule, bits)
+        else:
+            u = u.astype(g.dtype)
+        out["u"].append(u)
+        out["mu"].append(_storage.store(m, mu[k]))
+        out["nu"].append(_storage.store(v, nu[k]))
+        out["nu_max"].append(None if new_max is None else _storage.store(new_max, nu_max[k]))
+        out["compensation"].append(c)
 
-    def rebuild(i):
-        return treedef.unflatten([o[i] for o in outputs])
-
-    new_state = AdamState(
-        count=count,
-        mu=rebuild(1),
-        nu=rebuild(2),
-        nu_max=None if state.nu_max is None else rebuild(3),
-    )
-    return rebuild(0), new_state
-
-
-def resolve_learning_rate(learning_rate, count):
-    """A schedule is called with the step count before this step, as optax does."""
-    return learning_rate(count) if callable(learning_rate) else learning_rate
-
-
-def checked_learning_rate(fn, state, learning_rate, rule, **hyperparams):
-    """The checks of a direct call (:func:`update`, :func:`adamx.apply`); returns this step's rate."""
-    check_rule(fn, rule)
-    check_learning_rate(fn, learning_rate)
-    check_hyperparams(fn, **hyperparams)
-    if not isinstance(state, AdamState):
-        raise TypeError(f"{fn}: state must be an adamx.AdamState, got {type(state).__name__}")
-    return resolve_learning_rate(learning_rate, state.count)
+    new_state = _state.AdamState(count=count, **{
+        name: None if fields[name] is None else treedef.unflatten(out[name]) for name in fields})
+    return treedef.unflatten(out["u"]), new_state
 
 
 def update(
-    grads,
-    state,
-    params=None,
+    grads: PyTree,
+    state: _state.AdamState,
+    params: Optional[PyTree] = None,
     *,
-    learning_rate,
-    b1=0.9,
-    b2=0.999,
-    eps=1e-8,
-    eps_root=0.0,
-    weight_decay=0.0,
-    mask=None,
-    eps_hat=False,
-    maximize=False,
-    nesterov=False,
-    max_bias_corrected=False,
-):
+    learning_rate: optax.ScalarOrSchedule,
+    b1: ArrayLike = 0.9,
+    b2: ArrayLike = 0.999,
+    eps: ArrayLike = 1e-8,
+    eps_root: ArrayLike = 0.0,
+    weight_decay: ArrayLike = 0.0,
+    mask: Mask = None,
+    eps_hat: bool = False,
+    maximize: bool = False,
+    nesterov: bool = False,
+    amsgrad: bool = False,
+    max_bias_corrected: bool = False,
+    param_rounding: str = "nearest",
+    seed: ArrayLike = 0,
+) -> tuple[PyTree, _state.AdamState]:
     r"""One Adam step: returns the updates to add to the params, and the new state.
 
     For each leaf, with :math:`t` the step count after this step:
@@ -271,13 +297,20 @@ def update(
              + \lambda\, \theta_{t-1}\right)
 
     The math runs in float32 (float64 for float64 leaves); updates come back in the gradients'
-    dtype. Every numeric hyperparameter may be a Python number or a JAX array, so a value
-    passed as an argument of a jitted step changes without recompiling.
+    dtype (float32 for a 16-bit param under ``param_rounding`` "stochastic" or "kahan", so that
+    ``optax.apply_updates`` adds them exactly). Every numeric hyperparameter may be a Python
+    number or a JAX array, so a value passed as an argument of a jitted step changes without
+    recompiling. Integer and boolean params are not trained: their updates are zeros.
+
+    Concrete hyperparameters are checked here; traced ones cannot be without a host round trip,
+    so a bad value passed into a jitted step (``b2=1.0``) gives NaN. The same checks run on
+    traced values under ``jax.experimental.checkify``:
+    ``checkify.checkify(step, errors=checkify.user_checks)`` returns an error that says which.
 
     Args:
       grads: Gradients, with the tree structure and shapes of the params.
-      state: The :class:`AdamState` from :func:`adamx.init` or a previous step.
-      params: The current params; needed only for weight decay.
+      state: The :class:`adamx.AdamState` from :func:`adamx.init` or a previous step.
+      params: The current params; needed for weight decay and for ``param_rounding``.
       learning_rate: :math:`\eta`: a number, an array, or a schedule (a callable of the step
         count before this step).
       b1: :math:`\beta_1`, the first moment's decay, in [0, 1).
@@ -291,16 +324,26 @@ def update(
         :math:`u_t = -\eta \sqrt{1-\beta_2^t} / (1-\beta_1^t) \cdot m_t / (\sqrt{v_t} + \epsilon)`.
       maximize: Ascend the objective (negates the gradients on entry, as PyTorch does).
       nesterov: NAdam, in optax's form.
-      max_bias_corrected: For an AMSGrad state, take the maximum of the bias-corrected
-        second moment (optax) instead of the raw one (PyTorch and Keras).
+      amsgrad: AMSGrad: the state must have ``nu_max`` (``init(..., amsgrad=True)``), and a state
+        with ``nu_max`` is refused without it.
+      max_bias_corrected: With ``amsgrad``, take the maximum of the bias-corrected second
+        moment (optax) instead of the raw one (PyTorch and Keras).
+      param_rounding: How a float16 or bfloat16 param takes its step: ``"nearest"`` (the add in
+        its dtype; a step below half an ulp is lost), ``"stochastic"`` (rounded up or down at
+        random with the probabilities that make it exact on average) or ``"kahan"`` (the
+        rounding error is kept in ``state.compensation`` and added back next step). Other
+        dtypes always take the nearest. The state must be built with the same choice.
+      seed: The seed of stochastic rounding, an integer in [0, 2**32); the random bits are a
+        function of the seed, the step count, the leaf and the element.
 
     Returns:
       ``(updates, new_state)``.
 
     Raises:
-      ValueError: For a hyperparameter out of range, grads whose structure or shapes differ from
-        the state (naming the first differing key path), or weight decay without params.
-      TypeError: For a hyperparameter that is not a number.
+      ValueError: For a hyperparameter out of range, or a state that does not fit (the grads'
+        structure or shapes, its algorithm, its count), naming the field and key path.
+      TypeError: For a hyperparameter that is not a number, or a state that is not an
+        :class:`adamx.AdamState`.
 
     Example:
       >>> import jax.numpy as jnp, optax, adamx
@@ -314,10 +357,8 @@ def update(
       Array([ 0.9, -1.9], dtype=float32)
     """
     fn = "adamx.update"
-    rule = Rule(eps_hat, maximize, nesterov, max_bias_corrected)
-    lr = checked_learning_rate(fn, state, learning_rate, rule, b1=b1, b2=b2, eps=eps,
-                               eps_root=eps_root, weight_decay=weight_decay)
-    return apply_rule(
-        fn, grads, state, params, scale=-lr, b1=b1, b2=b2,
-        eps=eps, eps_root=eps_root, weight_decay=weight_decay, mask=mask, rule=rule,
-    )
+    rule = Rule(eps_hat=eps_hat, maximize=maximize, nesterov=nesterov, amsgrad=amsgrad,
+                max_bias_corrected=max_bias_corrected, param_rounding=param_rounding)
+    rule.check(fn)
+    hp = Hyperparams(learning_rate, b1, b2, eps, eps_root, weight_decay, seed).check(fn)
+    return step(fn, grads, state, params, hp, rule, mask)

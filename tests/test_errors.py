@@ -26,12 +26,24 @@ BAD_RANGE = [
     (adamx.amsgrad, dict(learning_rate=1e-3, b1=1.0), "adamx.amsgrad: b1 must be in [0, 1), got 1.0"),
     (adamx.adamax, dict(learning_rate=1e-3, eps=math.nan),
      "adamx.adamax: eps must be finite and >= 0, got nan"),
-    (adamx.nadam, dict(learning_rate=1e-3, b2=2), "adamx.adam: b2 must be in [0, 1), got 2"),
+    (adamx.nadam, dict(learning_rate=1e-3, b2=2), "adamx.nadam: b2 must be in [0, 1), got 2"),
     (adamx.scale_by_adam, dict(b1=jnp.asarray(1.5)), "adamx.scale_by_adam: b1 must be in [0, 1)"),
     (adamx.adam, dict(learning_rate=1e-3, mu_dtype=jnp.int8),
      "adamx.adam: mu_dtype must be"),
     (adamx.amsgrad, dict(learning_rate=1e-3, eps_hat=True, max_bias_corrected=True),
      "adamx.amsgrad: eps_hat=True uses the raw second moment"),
+    # finite in float64, infinite in float32 (the dtype the math runs in)
+    (adamx.adam, dict(learning_rate=1e39), "adamx.adam: learning_rate must be finite in float32"),
+    (adamx.adam, dict(learning_rate=1e-3, eps=1e39), "adamx.adam: eps must be finite in float32"),
+    (adamx.adamw, dict(learning_rate=1e-3, weight_decay=1e39),
+     "adamx.adamw: weight_decay must be finite in float32"),
+    (adamx.adam, dict(learning_rate=jnp.asarray(1.5, jnp.bfloat16), b1=jnp.asarray(1.5, jnp.bfloat16)),
+     "adamx.adam: b1 must be in [0, 1), got Array(1.5, dtype=bfloat16)"),
+    (adamx.adam, dict(learning_rate=1e-3, mu_dtype=jnp.float8_e4m3fn), "adamx.adam: mu_dtype must be"),
+    (adamx.adam, dict(learning_rate=1e-3, nu_dtype=jnp.complex64), "adamx.adam: nu_dtype must be"),
+    (adamx.adam, dict(learning_rate=1e-3, param_rounding="up"),
+     "adamx.adam: param_rounding must be one of 'nearest', 'stochastic', 'kahan', got 'up'"),
+    (adamx.adam, dict(learning_rate=1e-3, seed=-1), "adamx.adam: seed must be in [0, 2**32), got -1"),
 ]
 
 
@@ -45,7 +57,10 @@ def test_out_of_range_hyperparameter_raises_value_error_naming_it(factory, kwarg
 @pytest.mark.parametrize("kwargs, message", [
     (dict(learning_rate="fast"), "adamx.adam: learning_rate must be a real number, got 'fast'"),
     (dict(learning_rate=1e-3, b1="0.9"), "adamx.adam: b1 must be a real number, got '0.9'"),
-    (dict(learning_rate=1e-3, eps=None), "adamx.adam: eps must be a real scalar, got None"),
+    (dict(learning_rate=1e-3, eps=None), "adamx.adam: eps must be a real number, got None"),
+    (dict(learning_rate=None), "adamx.adam: learning_rate must be a number, an array or a schedule"),
+    (dict(learning_rate=1e-3, eps=jnp.ones(2)), "adamx.adam: eps must be a real scalar"),
+    (dict(learning_rate=1e-3, seed=1.5), "adamx.adam: seed must be an integer, got 1.5"),
     (dict(learning_rate=1e-3, b1=True), "adamx.adam: b1 must be a real number, got True"),
     (dict(learning_rate=1e-3, nesterov="yes"), "adamx.adam: nesterov must be True or False"),
 ])
@@ -71,15 +86,15 @@ def test_traced_hyperparameters_are_not_checked():
 
 def test_grads_with_another_structure_name_the_first_differing_key():
     state = adamx.init({"a": jnp.ones(2), "b": {"c": jnp.ones(3)}})
-    with pytest.raises(ValueError, match=r"grads have \['b'\]\['d'\] where the state has \['b'\]\['c'\]"):
+    with pytest.raises(ValueError, match=r"grads have \['b'\]\['d'\] where state.mu has \['b'\]\['c'\]"):
         adamx.update({"a": jnp.ones(2), "b": {"d": jnp.ones(3)}}, state, learning_rate=0.1)
-    with pytest.raises(ValueError, match=r"only the state have \['b'\]"):
+    with pytest.raises(ValueError, match=r"only state.mu has \['b'\]"):
         adamx.update({"a": jnp.ones(2)}, state, learning_rate=0.1)
 
 
 def test_grads_with_another_shape_name_the_key_and_both_shapes():
     state = adamx.init({"a": jnp.ones(2), "b": jnp.ones((3, 4))})
-    with pytest.raises(ValueError, match=r"grads\['b'\] has shape \(4, 3\) but the state expects \(3, 4\)"):
+    with pytest.raises(ValueError, match=r"state.mu\['b'\] has shape \(3, 4\) where the grads have \(4, 3\)"):
         adamx.update({"a": jnp.ones(2), "b": jnp.ones((4, 3))}, state, learning_rate=0.1)
 
 
@@ -89,26 +104,17 @@ def test_adamw_without_params_says_params_are_needed():
         tx.update(jnp.ones(2), tx.init(jnp.ones(2)))
 
 
-@pytest.mark.parametrize("dtype", [jnp.int32, jnp.bool_])
-def test_init_on_an_integer_or_boolean_leaf_names_its_key_path(dtype):
-    with pytest.raises(TypeError, match=r"adamx.init: params\['layer'\]\[1\] has dtype"):
-        adamx.init({"layer": [jnp.ones(2), jnp.zeros(2, dtype)]})
+@pytest.mark.xfail(strict=False, reason="optax 0.2.8 builds these without complaint (documented in "
+                   "the README); this passes once optax checks its hyperparameters")
+def test_optax_also_rejects_what_adamx_rejects():
+    for kwargs in (dict(learning_rate="fast"), dict(learning_rate=1e-3, b1=1.5),
+                   dict(learning_rate=1e-3, b1=-0.1), dict(learning_rate=1e-3, b2=1.0)):
+        with pytest.raises((TypeError, ValueError)):
+            optax.adam(**kwargs).update(jnp.ones(2), optax.adam(**kwargs).init(jnp.ones(2)))
 
 
-def test_optax_accepts_what_adamx_rejects():
-    # The peer behaviour that motivates the checks: optax builds all of these without complaint.
-    for tx in (optax.adam("fast"), optax.adam(1e-3, b1=1.5), optax.adam(1e-3, b1=-0.1)):
-        assert tx.init(jnp.ones(2)) is not None
-    g = jnp.ones(2)
-    nan_updates, _ = optax.adam(1e-3, b2=1.0).update(g, optax.adam(1e-3, b2=1.0).init(g))
-    assert np.isnan(np.asarray(nan_updates)).all()
-    negative_eps = optax.adam(1e-3, b1=0.5, b2=0.5, eps=-1.0)  # b = 0.5: v_hat is exactly 1
-    inf_updates, _ = negative_eps.update(g, negative_eps.init(g))
-    assert np.isneginf(np.asarray(inf_updates)).all()
-
-
-def test_max_bias_corrected_without_an_amsgrad_state_is_rejected():
-    with pytest.raises(ValueError, match="max_bias_corrected=True needs an AMSGrad state"):
+def test_max_bias_corrected_without_amsgrad_is_rejected():
+    with pytest.raises(ValueError, match=r"max_bias_corrected=True is an AMSGrad option"):
         adamx.update(jnp.ones(2), adamx.init(jnp.ones(2)), learning_rate=0.1,
                      max_bias_corrected=True)
 
@@ -121,6 +127,119 @@ def test_zero_weight_decay_as_an_array_needs_no_params():
 
 def test_node_type_mismatch_names_the_path_and_both_types():
     state = adamx.init({"a": [jnp.ones(2), jnp.ones(3)]})
-    message = r"node type at \['a'\]: grads have a tuple where the state has a list"
+    message = r"at \['a'\] grads have a tuple where state.mu has a list"
     with pytest.raises(ValueError, match=message):
         adamx.update({"a": (jnp.ones(2), jnp.ones(3))}, state, learning_rate=0.1)
+
+
+def test_bfloat16_hyperparameter_arrays_are_accepted_and_match_optax():
+    params = jnp.linspace(-1, 1, 8, dtype=jnp.bfloat16)
+    grads = jnp.cos(jnp.arange(8.0)).astype(jnp.bfloat16)
+    lr = jnp.asarray(1e-2, jnp.bfloat16)
+    pairs = [(adamx.adam(lr), optax.adam(lr)),
+             # inject_hyperparams hands the factory arrays of the params' dtype (0.5 and 0.75
+             # are exact in bfloat16)
+             (optax.inject_hyperparams(adamx.adam)(learning_rate=1e-2, b1=0.5, b2=0.75),
+              optax.inject_hyperparams(optax.adam)(learning_rate=1e-2, b1=0.5, b2=0.75))]
+    for ours, peer in pairs:
+        u, _ = ours.update(grads, ours.init(params), params)
+        want, _ = peer.update(grads, peer.init(params), params)
+        assert u.dtype == want.dtype == jnp.bfloat16
+        np.testing.assert_allclose(np.asarray(u, np.float32), np.asarray(want, np.float32),
+                                   rtol=1e-2)
+
+
+def test_a_decay_rate_rounded_to_one_in_bfloat16_is_refused_with_the_remedy():
+    tx = optax.inject_hyperparams(adamx.adam)(learning_rate=1e-2)  # b2 = 0.999 -> bfloat16 1.0
+    with pytest.raises(ValueError, match=r"b2 must be in \[0, 1\), got Array\(1, dtype=bfloat16\): "
+                                         r".*hyperparam_dtype=jnp.float32"):
+        tx.init(jnp.ones(3, jnp.bfloat16))
+
+
+def _state_with(**changes):
+    return adamx.init({"a": jnp.ones(3), "b": jnp.ones((2, 2))}).replace(**changes)
+
+
+GRADS = {"a": jnp.ones(3), "b": jnp.ones((2, 2))}
+
+
+@pytest.mark.parametrize("changes, message", [
+    (dict(nu={"a": jnp.zeros(3), "b": jnp.zeros((2, 2)), "c": jnp.zeros(1)}),
+     r"grads and state.nu differ in tree structure: only state.nu has \['c'\]"),
+    (dict(nu={"a": jnp.zeros((3, 3)), "b": jnp.zeros((2, 2))}),
+     r"state.nu\['a'\] has shape \(3, 3\) where the grads have \(3,\)"),
+    (dict(nu={"a": jnp.zeros(3, jnp.complex64), "b": jnp.zeros((2, 2))}),
+     r"state.nu\['a'\] must be real, got complex64"),
+    (dict(mu={"a": jnp.zeros(3, jnp.int32), "b": jnp.zeros((2, 2))}),
+     r"state.mu\['a'\] must be a float array for a float gradient, got int32"),
+    (dict(count=jnp.float32(3)), r"state.count must be an int32 scalar, got float32\[\]"),
+    (dict(count=jnp.zeros(1, jnp.int32)), r"state.count must be an int32 scalar, got int32\[1\]"),
+    (dict(count=jnp.int32(-1)), r"state.count must be >= 0, got -1"),
+    (dict(nu_max={"a": jnp.zeros(3), "b": jnp.zeros((2, 2))}),
+     r"the state has nu_max \(AMSGrad's maximum\), but this transformation is not AMSGrad"),
+    (dict(compensation={"a": None, "b": None}),
+     r"the state has a compensation buffer, but param_rounding is not 'kahan'"),
+])
+def test_a_state_that_does_not_fit_is_refused_naming_the_field(changes, message):
+    with pytest.raises(ValueError, match=message):
+        adamx.update(GRADS, _state_with(**changes), learning_rate=0.1)
+    tx = adamx.adam(0.1)
+    with pytest.raises(ValueError, match=message.replace("adamx.update", "adamx.adam")):
+        tx.update(GRADS, _state_with(**changes))
+
+
+def test_the_transformation_decides_the_algorithm_not_the_state():
+    params = {"w": jnp.ones(3)}
+    with pytest.raises(ValueError, match="adamx.adam: the state has nu_max"):
+        adamx.adam(0.1).update(params, adamx.amsgrad(0.1).init(params))
+    with pytest.raises(ValueError, match="adamx.amsgrad: the state has no nu_max"):
+        adamx.amsgrad(0.1).update(params, adamx.adam(0.1).init(params))
+    with pytest.raises(ValueError, match="adamx.update: the state has nu_max"):
+        adamx.update(params, adamx.init(params, amsgrad=True), learning_rate=0.1)
+    with pytest.raises(ValueError, match="adamx.adam: the state has no compensation buffer, but "
+                                         "param_rounding is 'kahan'"):
+        adamx.adam(0.1, param_rounding="kahan").update(
+            {"w": jnp.ones(3, jnp.bfloat16)}, adamx.init({"w": jnp.ones(3, jnp.bfloat16)}))
+
+
+def test_an_amsgrad_checkpoint_restored_into_an_adam_target_is_refused(tmp_path):
+    import flax.serialization
+
+    params = {"w": jnp.ones(3)}
+    saved = flax.serialization.to_state_dict(adamx.amsgrad(0.1).init(params))
+    restored = flax.serialization.from_state_dict(adamx.adam(0.1).init(params), saved)
+    with pytest.raises(ValueError, match="adamx.adam: the state has nu_max"):
+        adamx.adam(0.1).update(params, restored)
+
+
+@pytest.mark.parametrize("optax_tx", [optax.adam(0.1), optax.adamw(0.1), optax.scale_by_adam()])
+def test_an_optax_state_names_adam_state_and_the_conversion(optax_tx):
+    params = {"w": jnp.ones(3)}
+    with pytest.raises(TypeError, match=r"adamx.adam: state must be an adamx.AdamState .* from "
+                                        r"optax; convert it with adamx.AdamState\(count=s.count"):
+        adamx.adam(0.1).update(params, optax_tx.init(params))
+
+
+def test_traced_hyperparameters_are_checked_under_checkify_and_free_otherwise():
+    from jax.experimental import checkify
+
+    params = jnp.ones(3)
+
+    def step(b2, count):
+        state = adamx.init(params).replace(count=count)
+        return adamx.update(jnp.ones(3), state, learning_rate=0.1, b2=b2)[0]
+
+    jitted = jax.jit(step)
+    assert "custom_call" not in jitted.lower(0.5, jnp.int32(0)).as_text()
+    # Without checkify the bad value goes through (the NaN the check exists to name) ...
+    assert np.isnan(np.asarray(jitted(1.0, jnp.int32(0)))).all()
+    checked = jax.jit(checkify.checkify(step, errors=checkify.user_checks))
+    error, _ = checked(1.0, jnp.int32(0))
+    with pytest.raises(checkify.JaxRuntimeError, match=r"adamx.update: b2 must be in \[0, 1\), got 1.0"):
+        error.throw()
+    error, _ = checked(0.5, jnp.int32(-3))
+    with pytest.raises(checkify.JaxRuntimeError, match="adamx.update: state.count must be >= 0, got -3"):
+        error.throw()
+    error, updates = checked(0.5, jnp.int32(0))
+    assert error.get() is None
+    np.testing.assert_allclose(updates, -0.1, rtol=1e-6)  # the first step: -lr * sign(g)
