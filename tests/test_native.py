@@ -197,6 +197,18 @@ def test_a_stale_build_or_a_missing_one_is_refused_with_the_reason(monkeypatch):
     assert _native.__getattr__("SCALARS") == scalars
 
 
+def test_a_registration_that_jaxlib_refuses_is_reported_with_both_versions(monkeypatch):
+    import jaxlib
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("the handler's API version (0.9) is incompatible")
+
+    monkeypatch.setattr(jax.ffi, "register_ffi_target", refuse)
+    ext, why = _native._load.__wrapped__()
+    assert ext is None and "API version (0.9) is incompatible" in why
+    assert f"jaxlib {jaxlib.__version__} is installed" in why and "--no-build-isolation" in why
+
+
 OPTIONS = {
     "adam": dict(learning_rate=1e-2),
     "adamw": dict(learning_rate=1e-2, weight_decay=0.05),

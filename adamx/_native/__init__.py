@@ -32,7 +32,7 @@ GROUP = 64
 
 _ABI_HEADER = Path(__file__).with_name("abi.h")
 _REINSTALL = (
-    "reinstall it where a C++17 compiler (g++ or clang++) is on PATH, building against the "
+    "reinstall adamx where a C++17 compiler (g++ or clang++) is on PATH, building against the "
     "installed jaxlib: pip install --force-reinstall --no-deps --no-build-isolation <the adamx "
     "source you installed> (from a checkout: pip install --no-build-isolation -e .); "
     "pip's -v shows the compiler's output"
@@ -86,11 +86,16 @@ def _load():
     import jaxlib
 
     try:
+        # With the CPU client already made, jaxlib registers at once and raises here if it
+        # refuses the handler (an FFI API version it does not support); registered before,
+        # the refusal would come when the client is made, and no CPU computation could run.
+        jax.devices("cpu")
         for name, capsule in ext.registrations().items():
             jax.ffi.register_ffi_target(name, capsule, platform="cpu")
     except Exception as e:  # noqa: BLE001 - jaxlib raises its own error types here
         major, minor = ext.FFI_API_VERSION
-        return None, (f"registering adamx's native kernel with XLA failed: {e}. It was built "
+        return None, (f"registering adamx's native kernel with XLA failed: {str(e).rstrip('.')}. "
+                      f"It was built "
                       f"against jaxlib {ext.JAXLIB_VERSION} (XLA FFI API {major}.{minor}); "
                       f"jaxlib {jaxlib.__version__} is installed; {_REINSTALL}")
     return ext, ""
