@@ -2,27 +2,31 @@
 
 Each JAX step is one jitted function (update + ``optax.apply_updates``, or ``adamx.apply`` for the
 fused path) with params and state donated (``--no-donate``: not). Paths: ``adamx`` is
-``adamx.adam`` through the Optax protocol as a user gets it (on one CPU device, with its moment
-kernel), ``adamx-plain`` the same traced with adamx's CPU kernels off (the plain JAX path, which
-GPU and TPU run), ``adamx-fused`` is ``adamx.apply``. Each torch step is ``optimizer.step()`` with the grads
-already in place. Times are medians of ``--repeats`` runs after warm-up (``block_until_ready``).
+``adamx.adam`` through the Optax protocol as a user gets it (plain JAX on every backend),
+``adamx-fused`` is ``adamx.apply(..., fused=True)``, the opt-in CPU kernel built at install time.
+Each torch step is ``optimizer.step()`` with the grads already in place. Times are medians of
+``--repeats`` runs after warm-up (``block_until_ready``).
 
 Effective GB/s counts 28 bytes per float32 parameter (read p, g, m, v; write p, m, v), the least
 traffic any Adam step can move. The floor is this machine's measured in-place bandwidth in the same
 run: ``a += b`` over 16M float32 (12 bytes per element moved), with NumPy (one thread) and with
 torch (its intra-op threads); the faster of the two is the floor, and "% floor" is the step's
 effective GB/s over it. The paths of a tree run interleaved (one step of each per round, in a
-shuffled order), so a
-change of load on a shared machine hits all of them alike; the ratios are the numbers to read.
-"peak RSS" is the process's peak after building that path (cumulative over the run).
-"in-loop ms/step" times ``--inner`` JAX steps inside one jitted ``fori_loop`` (as a training loop
-under ``lax.scan`` runs them), which leaves out the per-call cost of passing every buffer.
+shuffled order), so a change of load on a shared machine hits all of them alike; the ratios are
+the numbers to read. "peak RSS" is the process's peak after building that path (cumulative over
+the run). "in-loop ms/step" times ``--inner`` JAX steps inside one jitted ``fori_loop`` (as a
+training loop under ``lax.scan`` runs them), which leaves out the per-call cost of passing every
+buffer.
+
+A second table times the Optax step of ``adamx.adam`` on one 16M-element leaf in each memory mode
+(moment storage, 16-bit params and their rounding), interleaved with the float32 step, as a ratio
+to it. A mode that adamx does not support prints "unsupported" and the error.
 
 Usage::
 
     python benchmarks/step_time.py                      # everything (a few minutes)
     python benchmarks/step_time.py --trees a --paths adamx,optax,torch-fused --repeats 15
-    python benchmarks/step_time.py --json results.json --no-keras
+    python benchmarks/step_time.py --json results.json --no-keras --no-modes
 """
 
 import argparse
@@ -38,7 +42,7 @@ from pathlib import Path
 import numpy as np
 
 BYTES_PER_PARAM = 28
-JAX_PATHS = ("adamx", "adamx-plain", "adamx-fused", "optax")
+JAX_PATHS = ("adamx", "adamx-fused", "optax")
 TORCH_PATHS = ("torch-loop", "torch-foreach", "torch-fused")
 ALL_PATHS = JAX_PATHS + TORCH_PATHS
 TREES = ("a", "b", "c")
@@ -50,6 +54,21 @@ TREE_NAMES = {
 LR = 1e-3
 FLOOR_ELEMENTS = 16 * 2**20
 FLOOR_BYTES = 12 * FLOOR_ELEMENTS  # read a, read b, write a
+MODE_ELEMENTS = 16 * 2**20
+# (name, param dtype, keyword arguments of adamx.adam); the first is the baseline of the ratios.
+MEMORY_MODES = (
+    ("float32 moments", "float32", {}),
+    ("mu/nu bfloat16", "float32", {"mu_dtype": "bfloat16", "nu_dtype": "bfloat16"}),
+    ("mu/nu int8", "float32", {"mu_dtype": "int8", "nu_dtype": "int8"}),
+    ("mu/nu int4", "float32", {"mu_dtype": "int4", "nu_dtype": "int4"}),
+    ("bf16 params, nearest", "bfloat16", {"param_rounding": "nearest"}),
+    ("bf16 params, stochastic", "bfloat16", {"param_rounding": "stochastic"}),
+    ("bf16 params, kahan", "bfloat16", {"param_rounding": "kahan"}),
+    ("bf16 params, stochastic, int8", "bfloat16",
+     {"param_rounding": "stochastic", "mu_dtype": "int8", "nu_dtype": "int8"}),
+    ("bf16 params, stochastic, int4", "bfloat16",
+     {"param_rounding": "stochastic", "mu_dtype": "int4", "nu_dtype": "int4"}),
+)
 
 
 def make_tree(name, seed=0):
@@ -116,36 +135,20 @@ def floor_calls():
     return fns
 
 
-def fused_apply():
-    """``adamx.apply``, or its defining module's function before it is exported."""
-    import adamx
-
-    if hasattr(adamx, "apply"):
-        return adamx.apply
-    from adamx import _fused
-
-    return _fused.apply
-
-
 def jax_step(path):
     """The step function of a JAX path: (params, state, grads) -> (params, state)."""
+    import adamx
     import optax
 
-    if path == "optax":
-        opt = optax.adam(LR)
-    elif path in ("adamx", "adamx-plain"):
-        import adamx
-
-        opt = adamx.adam(LR)
-    elif path == "adamx-fused":
-        import adamx
-
-        apply = fused_apply()
-
+    if path == "adamx-fused":
         def step(params, state, grads):
-            return apply(grads, state, params, learning_rate=LR)
+            return adamx.apply(grads, state, params, learning_rate=LR, fused=True)
 
         return adamx.init, step
+    if path == "optax":
+        opt = optax.adam(LR)
+    elif path == "adamx":
+        opt = adamx.adam(LR)
     else:
         raise ValueError(path)
 
@@ -153,20 +156,7 @@ def jax_step(path):
         updates, state = opt.update(grads, state, params)
         return optax.apply_updates(params, updates), state
 
-    if path == "adamx-plain":
-        return opt.init, plain_jax(step)
     return opt.init, step
-
-
-def plain_jax(fn):
-    """``fn`` traced with adamx's CPU kernels switched off: the plain JAX path, as on GPU and TPU."""
-    from adamx import _kernel
-
-    def traced_plain(*args):
-        with _kernel.switched_off():
-            return fn(*args)
-
-    return traced_plain
 
 
 def fresh(tree):
@@ -243,20 +233,15 @@ def available(path):
     """Why ``path`` cannot run here, or None when it can."""
     module = "torch" if path.startswith("torch") else "adamx" if path.startswith("adamx") else "optax"
     try:
-        mod = __import__(module)
+        __import__(module)
     except ImportError as e:
         return f"{module} not importable ({e})"
     if path == "adamx-fused":
-        try:
-            fused_apply()
-        except ImportError as e:
-            return f"adamx.apply not present ({e})"
-        from adamx import _kernel
+        from adamx import _native
 
-        if not _kernel.kernel_available():
-            return f"fused kernel unavailable ({_kernel._kernel_status()[1]})"
-    if path == "adamx" and not hasattr(mod, "adam"):
-        return "adamx.adam not present"
+        ok, why = _native.status()
+        if not ok:
+            return f"fused kernel unavailable ({why})"
     return None
 
 
@@ -281,7 +266,11 @@ def run_steps(trees, paths, repeats, warmup, inner, donate=True):
                 entry["paths"][path] = {"skipped": why}
                 continue
             bench = bench_torch if path in TORCH_PATHS else bench_jax
-            calls[path], compile_s, loop_call = bench(path, tree, inner, donate)
+            try:
+                calls[path], compile_s, loop_call = bench(path, tree, inner, donate)
+            except Exception as e:  # noqa: BLE001 - one broken path must not hide the others
+                entry["paths"][path] = {"skipped": f"{type(e).__name__}: {e}"[:300]}
+                continue
             if loop_call is not None:
                 calls[f"loop:{path}"] = loop_call
             entry["paths"][path] = {"compile_s": compile_s, "peak_rss_mb": peak_rss_mb()}
@@ -304,6 +293,9 @@ def run_steps(trees, paths, repeats, warmup, inner, donate=True):
                 base = entry["paths"].get(ref, {}).get("median_ms")
                 if "median_ms" in r and base:
                     r[f"x_{ref}"] = r["median_ms"] / base
+            base = entry["paths"].get("optax", {}).get("compile_s")
+            if r.get("compile_s") and base:
+                r["compile_x_optax"] = r["compile_s"] / base
         results["trees"][tree] = entry
     return results
 
@@ -319,11 +311,11 @@ def print_steps(results):
         print(f"\n{TREE_NAMES[tree]}: {entry['n_params']:,} params; floor {measured}; "
               f"floor time at 28 B/param {floor_ms:.2f} ms")
         print("| path | median ms | GB/s | % floor | x adamx | x optax | x torch-fused "
-              "| in-loop ms/step | compile s | peak RSS MiB |")
-        print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+              "| in-loop ms/step | compile s | compile x optax | peak RSS MiB |")
+        print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
         for path, r in entry["paths"].items():
             if "skipped" in r:
-                print(f"| {path} | skipped: {r['skipped']} |||||||")
+                print(f"| {path} | skipped: {r['skipped']} |||||||||")
                 continue
 
             def ratio(key, r=r):
@@ -333,7 +325,89 @@ def print_steps(results):
             loop = f"{r['in_loop_ms']:.2f}" if "in_loop_ms" in r else "-"
             print(f"| {path} | {r['median_ms']:.2f} | {r['gbps']:.1f} | {r['pct_floor']:.0f} "
                   f"| {ratio('x_adamx')} | {ratio('x_optax')} | {ratio('x_torch-fused')} "
-                  f"| {loop} | {comp} | {r['peak_rss_mb']:.0f} |")
+                  f"| {loop} | {comp} | {ratio('compile_x_optax')} | {r['peak_rss_mb']:.0f} |")
+
+
+def mode_kwargs(kwargs):
+    """adamx keyword arguments with dtype names turned into dtypes ("int8"/"int4" stay specs)."""
+    import jax.numpy as jnp
+
+    return {k: jnp.dtype(v) if k.endswith("_dtype") and v not in ("int8", "int4") else v
+            for k, v in kwargs.items()}
+
+
+def bench_mode(param_dtype, kwargs, donate=True):
+    """The Optax step of ``adamx.adam(LR, **kwargs)`` on one 16M leaf of ``param_dtype``.
+
+    Returns:
+      (a blocking call of one step, the state's bytes per parameter). Raises whatever adamx
+      raises for a mode it does not support, at init, trace, compile or the first call.
+    """
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    import adamx
+
+    rng = np.random.default_rng(0)
+    dtype = jnp.dtype(param_dtype)
+    params = {"w": jnp.asarray(rng.standard_normal(MODE_ELEMENTS, dtype=np.float32)).astype(dtype)}
+    grads = {"w": jnp.asarray(rng.standard_normal(MODE_ELEMENTS, dtype=np.float32)).astype(dtype)}
+    opt = adamx.adam(LR, **mode_kwargs(kwargs))
+    state = jax.jit(opt.init)(params)
+
+    def step(params, state, grads):
+        updates, state = opt.update(grads, state, params)
+        return optax.apply_updates(params, updates), state
+
+    compiled = jax.jit(step, donate_argnums=(0, 1) if donate else ()).lower(
+        params, state, grads).compile()
+    carry = [params, state]
+
+    def call():
+        carry[0], carry[1] = compiled(carry[0], carry[1], grads)
+        jax.block_until_ready(carry)
+
+    call()
+    state_bytes = sum(x.nbytes for x in jax.tree.leaves(carry[1])) / MODE_ELEMENTS
+    return call, state_bytes
+
+
+def run_modes(repeats, warmup, donate=True):
+    """Step time of each memory mode, interleaved, as a ratio to the first (float32) mode."""
+    results, calls = {}, {}
+    for name, param_dtype, kwargs in MEMORY_MODES:
+        entry = {"params": param_dtype, "kwargs": kwargs}
+        try:
+            calls[name], entry["state_bytes_per_param"] = bench_mode(param_dtype, kwargs, donate)
+        except Exception as e:  # noqa: BLE001 - modes are being built; report, don't crash
+            entry["unsupported"] = f"{type(e).__name__}: {e}".splitlines()[0][:200]
+        results[name] = entry
+        print(f"  mode {name}: {'built' if name in calls else 'unsupported'}", file=sys.stderr,
+              flush=True)
+    timed = time_calls(calls, repeats, warmup)
+    base = timed.get(MEMORY_MODES[0][0], (None,))[0]
+    for name, (med, times) in timed.items():
+        results[name].update(median_ms=med, times_ms=times)
+        if base:
+            results[name]["x_float32"] = med / base
+    return results
+
+
+def print_modes(results):
+    """Prints the memory-mode table as Markdown."""
+    print(f"\nUpdate cost of each memory mode relative to the float32 update (adamx.adam Optax "
+          f"step, one {MODE_ELEMENTS:,}-element leaf, donated)")
+    print("| mode | params | adamx kwargs | state B/param | median ms | x float32 |")
+    print("|---|---|---|---:|---:|---:|")
+    for name, r in results.items():
+        kwargs = json.dumps(r["kwargs"])
+        if "unsupported" in r:
+            print(f"| {name} | {r['params']} | `{kwargs}` | unsupported: {r['unsupported']} | | |")
+            continue
+        ratio = f"{r['x_float32']:.2f}" if "x_float32" in r else "-"
+        print(f"| {name} | {r['params']} | `{kwargs}` | {r['state_bytes_per_param']:.2f} "
+              f"| {r['median_ms']:.2f} | {ratio} |")
 
 
 def keras_epoch_times(data, learning_rate, epochs, batch_size):
@@ -418,6 +492,7 @@ def main(argv=None):
     parser.add_argument("--no-donate", action="store_true",
                         help="jit the JAX steps without donating params and state")
     parser.add_argument("--no-keras", action="store_true", help="skip the training table")
+    parser.add_argument("--no-modes", action="store_true", help="skip the memory-mode table")
     parser.add_argument("--json", type=Path, help="also write all results to this file")
     args = parser.parse_args(argv)
     trees = [t for t in args.trees.split(",") if t]
@@ -432,6 +507,9 @@ def main(argv=None):
     results = run_steps(trees, paths, args.repeats, args.warmup, args.inner,
                         donate=not args.no_donate)
     print_steps(results)
+    if not args.no_modes:
+        results["modes"] = run_modes(args.repeats, args.warmup, donate=not args.no_donate)
+        print_modes(results["modes"])
     if not args.no_keras:
         results["training"] = run_training(args.epochs)
         print_training(results["training"], args.epochs)
