@@ -11,6 +11,7 @@ Example:
   Array([0.99, 1.99], dtype=float32)
 """
 
+from adamx._checks import check_hyperparams
 from adamx._fused import apply, kernel_available
 from adamx._quantize import Int8Spec, Quantized, dequantize, int8_moments, quantize
 from adamx._sharding import zero1_shardings
@@ -29,6 +30,7 @@ __all__ = [
     "adamw",
     "amsgrad",
     "apply",
+    "check_hyperparams",
     "dequantize",
     "init",
     "int8_moments",

@@ -2,13 +2,13 @@
 
 Concrete values (Python numbers, NumPy values, concrete JAX arrays of any real dtype, bfloat16
 included) are checked when a transformation is built or a pure function is called. Tracers are
-not forced to a value: inside a traced step :func:`traced_checks` emits the same checks as
-``jax.experimental.checkify.debug_check``, which compile to nothing unless the step is wrapped in
-``checkify.checkify``.
+not forced to a value; :func:`check_hyperparams` checks them in a step run under
+``jax.experimental.checkify``.
 """
 
 import math
 import numbers
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -104,26 +104,63 @@ def check_seed(fn, seed):
         raise ValueError(f"{fn}: seed must be in [0, 2**32), got {seed!r}")
 
 
-def traced_checks(fn, *, learning_rate, b1, b2, eps, eps_root, weight_decay, count):
-    """The checks of the construction-time ones that concern traced values, as checkify checks.
+def check_hyperparams(
+    *,
+    learning_rate: Any = None,
+    b1: Any = None,
+    b2: Any = None,
+    eps: Any = None,
+    eps_root: Any = None,
+    weight_decay: Any = None,
+    count: Any = None,
+) -> None:
+    """Checks hyperparameters that may be traced, for a step run under ``checkify.checkify``.
 
-    They cost nothing in a plain ``jax.jit``; under ``checkify.checkify(step)`` a bad value
-    raises with the same message as the construction-time check, e.g. ``b2=1.0`` passed into a
-    jitted step.
+    adamx checks every concrete hyperparameter when a transformation is built or
+    :func:`adamx.update` is called. A value passed into a jitted step is a tracer there and
+    cannot be checked without a host round trip, so a bad one (``b2=1.0``) gives NaN params.
+    Call this inside the step, wrapped in ``jax.experimental.checkify.checkify``, to get the
+    same checks on traced values: the returned error then names the argument and its value.
+    Concrete values are checked at once (and raise ``ValueError``); None skips an argument.
+
+    Args:
+      learning_rate, b1, b2, eps, eps_root, weight_decay: As in :func:`adamx.update`.
+      count: A state's step count (``state.count``), which must be >= 0.
+
+    Raises:
+      ValueError: For a concrete value out of range.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, adamx
+      >>> from jax.experimental import checkify
+      >>> def step(b2):
+      ...     adamx.check_hyperparams(b2=b2)
+      ...     return adamx.update(jnp.ones(2), adamx.init(jnp.ones(2)), learning_rate=0.1, b2=b2)[0]
+      >>> error, _ = jax.jit(checkify.checkify(step))(1.0)
+      >>> print(error.get())  # doctest: +ELLIPSIS
+      adamx.check_hyperparams: b2 must be in [0, 1), got 1.0 (`check` failed)...
     """
-    def check(ok, message, *values):
-        checkify.debug_check(ok, f"{fn}: {message}", *values)
-
-    for name, value in (("b1", b1), ("b2", b2)):
-        if is_traced(value):
-            check((value >= 0) & (value < 1), f"{name} must be in [0, 1), got {{}}", value)
-    for name, value in (("learning_rate", learning_rate), ("eps", eps), ("eps_root", eps_root),
-                        ("weight_decay", weight_decay)):
-        if is_traced(value):
+    fn = "adamx.check_hyperparams"
+    given = {k: v for k, v in dict(learning_rate=learning_rate, b1=b1, b2=b2, eps=eps,
+                                   eps_root=eps_root, weight_decay=weight_decay).items()
+             if v is not None}
+    concrete = {k: v for k, v in given.items() if not is_traced(v)}
+    check_in_unit_interval(fn, **{k: v for k, v in concrete.items() if k in ("b1", "b2")})
+    check_non_negative(fn, **{k: v for k, v in concrete.items() if k not in ("b1", "b2")})
+    for name, value in given.items():
+        if not is_traced(value):
+            continue
+        if name in ("b1", "b2"):
+            checkify.check((value >= 0) & (value < 1), f"{fn}: {name} must be in [0, 1), got {{}}",
+                           value)
+        else:
             ok = (value >= 0) & jnp.isfinite(jnp.asarray(value, jnp.float32))
-            check(ok, f"{name} must be finite and >= 0, got {{}}", value)
-    if is_traced(count):
-        check(count >= 0, "state.count must be >= 0, got {}", count)
+            checkify.check(ok, f"{fn}: {name} must be finite and >= 0, got {{}}", value)
+    if count is not None:
+        if is_traced(count):
+            checkify.check(count >= 0, f"{fn}: state.count must be >= 0, got {{}}", count)
+        elif int(count) < 0:
+            raise ValueError(f"{fn}: state.count must be >= 0, got {int(count)}")
 
 
 def describe(path):

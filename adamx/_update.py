@@ -23,7 +23,6 @@ from adamx._checks import (
     check_seed,
     concrete_float,
     leaves_like,
-    traced_checks,
 )
 
 PyTree = Any
@@ -144,13 +143,14 @@ def _direction(g, m, v_used, p, decay, s, rule):
     return direction
 
 
-def _write(p, c, delta, rule, bits):
-    """The update of a 16-bit param under stochastic or Kahan rounding, and the new compensation.
+def _write(p, c, delta, dtype, rule, bits):
+    """A 16-bit param's update under stochastic or Kahan rounding, and its new compensation.
 
-    The new param is rounded here, and the update returned is its exact difference from the
-    old one in float32, so ``optax.apply_updates`` (``p + u`` in float32, then cast back) lands
-    on exactly that param. The compensation is what the param could not hold, measured against
-    the param ``apply_updates`` will produce.
+    The new param is rounded here and the update returned (in ``dtype``, the gradient's) is its
+    difference from the old one. That difference is exact whenever the old and new param are
+    within a factor of 2 of each other (Sterbenz's lemma), so ``optax.apply_updates`` lands on
+    exactly the rounded param; where it is not (a param crossing zero in one step), it lands
+    within half an ulp of the update, and Kahan's compensation records the difference too.
     """
     p32 = p.astype(jnp.float32)
     if rule.kahan:
@@ -159,11 +159,11 @@ def _write(p, c, delta, rule, bits):
     else:
         exact = p32 + delta
         target = _numerics.stochastic_round(exact, p.dtype, bits)
-    u = target.astype(jnp.float32) - p32
+    u = (target.astype(jnp.float32) - p32).astype(dtype)
     if not rule.kahan:
         return u, None
-    landed = (p32 + u).astype(p.dtype).astype(jnp.float32)
-    return u, (exact - landed).astype(c.dtype)
+    landed = (p32 + u.astype(jnp.float32)).astype(p.dtype)  # what apply_updates computes
+    return u, (exact - landed.astype(jnp.float32)).astype(c.dtype)
 
 
 def decay_flags(fn, treedef, grads, params, weight_decay, mask):
@@ -207,17 +207,13 @@ def step(fn, grads, state, params, hp, rule, mask=None):
     lr = hp.learning_rate
     if callable(lr):
         lr = lr(state.count)  # a schedule reads the count before this step, as in optax
-    traced_checks(fn, learning_rate=lr, b1=hp.b1, b2=hp.b2, eps=hp.eps, eps_root=hp.eps_root,
-                  weight_decay=hp.weight_decay, count=state.count)
     decay = decay_flags(fn, treedef, grads, params, hp.weight_decay, mask)
-    rounded = [_storage.trained(g) and _numerics.rounds(getattr(g, "dtype", np.float32),
-                                                         rule.param_rounding) for g in g_leaves]
-    if lr is None and any(rounded):
-        raise ValueError(f"{fn}: param_rounding needs the learning rate (the rounded step)")
-    if params is None and any(rounded):
+    if rule.param_rounding != "nearest" and params is None:
         raise ValueError(f"{fn}: param_rounding={rule.param_rounding!r} needs the params: call "
                          "update(grads, state, params)")
     p_leaves = [None] * n if params is None else leaves_like(fn, "params", treedef, grads, params)
+    rounded = [p is not None and _storage.trained(p)
+               and _numerics.rounds(jnp.result_type(p), rule.param_rounding) for p in p_leaves]
 
     count = _numerics.safe_increment(state.count)
     scalars = {}
@@ -228,8 +224,9 @@ def step(fn, grads, state, params, hp, rule, mask=None):
     for k, g in enumerate(g_leaves):
         p = p_leaves[k]
         if not _storage.trained(g):
-            # An integer param is not trained: a zero update in its own dtype.
-            zero = jnp.zeros(np.shape(g), jnp.result_type(p if p is not None else g))
+            # An integer param is not trained: a zero update (in the gradient's dtype, an integer
+            # or float0, as apply_if_finite's skipped step and optax's own updates have it).
+            zero = np.zeros(np.shape(g), jnp.result_type(g))
             for name, value in (("u", zero), ("mu", None), ("nu", None), ("nu_max", None),
                                 ("compensation", None)):
                 out[name].append(value)
@@ -250,7 +247,7 @@ def step(fn, grads, state, params, hp, rule, mask=None):
         if rounded[k]:
             bits = None if rule.kahan else _numerics.random_bits(
                 g.shape, seed=hp.seed, count=count, stream=k, sharding=jax.typeof(g).sharding)
-            u, c = _write(p, c, u, rule, bits)
+            u, c = _write(p, c, u, g.dtype, rule, bits)
         else:
             u = u.astype(g.dtype)
         out["u"].append(u)
@@ -297,15 +294,13 @@ def update(
              + \lambda\, \theta_{t-1}\right)
 
     The math runs in float32 (float64 for float64 leaves); updates come back in the gradients'
-    dtype (float32 for a 16-bit param under ``param_rounding`` "stochastic" or "kahan", so that
-    ``optax.apply_updates`` adds them exactly). Every numeric hyperparameter may be a Python
+    dtype. Every numeric hyperparameter may be a Python
     number or a JAX array, so a value passed as an argument of a jitted step changes without
     recompiling. Integer and boolean params are not trained: their updates are zeros.
 
     Concrete hyperparameters are checked here; traced ones cannot be without a host round trip,
-    so a bad value passed into a jitted step (``b2=1.0``) gives NaN. The same checks run on
-    traced values under ``jax.experimental.checkify``:
-    ``checkify.checkify(step, errors=checkify.user_checks)`` returns an error that says which.
+    so a bad value passed into a jitted step (``b2=1.0``) gives NaN:
+    :func:`adamx.check_hyperparams` checks them under ``jax.experimental.checkify``.
 
     Args:
       grads: Gradients, with the tree structure and shapes of the params.
