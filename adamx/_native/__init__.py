@@ -85,19 +85,21 @@ def _load():
                       f"{scalars}, {flags}); {_REINSTALL}")
     import jaxlib
 
+    # With the CPU client already made, jaxlib registers at once and raises here if it refuses
+    # the handler (an FFI API version it does not support); registered before, the refusal
+    # would come when the client is made, and no CPU computation could run in this process.
     try:
-        # With the CPU client already made, jaxlib registers at once and raises here if it
-        # refuses the handler (an FFI API version it does not support); registered before,
-        # the refusal would come when the client is made, and no CPU computation could run.
         jax.devices("cpu")
+    except RuntimeError as e:
+        return None, f"XLA's CPU backend is unavailable in this process ({e})"
+    try:
         for name, capsule in ext.registrations().items():
             jax.ffi.register_ffi_target(name, capsule, platform="cpu")
     except Exception as e:  # noqa: BLE001 - jaxlib raises its own error types here
         major, minor = ext.FFI_API_VERSION
         return None, (f"registering adamx's native kernel with XLA failed: {str(e).rstrip('.')}. "
-                      f"It was built "
-                      f"against jaxlib {ext.JAXLIB_VERSION} (XLA FFI API {major}.{minor}); "
-                      f"jaxlib {jaxlib.__version__} is installed; {_REINSTALL}")
+                      f"It was built against jaxlib {ext.JAXLIB_VERSION} (XLA FFI API "
+                      f"{major}.{minor}); jaxlib {jaxlib.__version__} is installed; {_REINSTALL}")
     return ext, ""
 
 
