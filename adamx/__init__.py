@@ -14,7 +14,7 @@ Example:
 from adamx._checks import check_hyperparams
 from adamx._fused import apply, kernel_available
 from adamx._quantize import Int8Spec, Quantized, dequantize, int8_moments, quantize
-from adamx._sharding import zero1_shardings
+from adamx._sharding import host_offload_shardings, zero1_shardings
 from adamx._state import AdamState, init
 from adamx._transforms import adam, adamax, adamw, amsgrad, nadam, nadamw, scale_by_adam
 from adamx._update import update
@@ -32,6 +32,7 @@ __all__ = [
     "apply",
     "check_hyperparams",
     "dequantize",
+    "host_offload_shardings",
     "init",
     "int8_moments",
     "kernel_available",

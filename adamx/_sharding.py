@@ -1,9 +1,11 @@
-"""Shardings for optimizer state: ZeRO-1 partitioning of the moments over a data axis.
+"""Shardings for optimizer state: ZeRO-1 partitioning of the moments over a data axis, and
+host offload of the moments.
 
-adamx never places or moves arrays. `init` builds the moments with `zeros_like`-style ops, so
-under `jax.jit` (or eagerly on sharded arrays) they take the params' shardings, and `update` is
-elementwise, so it keeps them. The helper here only *returns* shardings; the caller passes them
-to `jax.jit(..., out_shardings=...)` or `jax.device_put`, and XLA inserts the communication.
+`init` builds the moments with `zeros_like`-style ops, so under `jax.jit` (or eagerly on sharded
+arrays) they take the params' shardings, and `update` is elementwise, so it keeps them. The
+helpers here only *return* shardings; the caller passes them to `jax.jit(..., out_shardings=...)`
+or `jax.device_put`, and XLA inserts the communication. The one move adamx makes itself is
+streaming a host-resident moment to device memory and back inside the step (`to_device`, `like`).
 """
 
 import math
@@ -14,7 +16,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from adamx._quantize import Quantized
 
-__all__ = ["zero1_shardings"]
+__all__ = ["host_offload_shardings", "zero1_shardings"]
 
 
 def _base_spec(leaf: Any, mesh: Mesh) -> list:
@@ -113,3 +115,77 @@ def zero1_shardings(state: Any, mesh: Mesh, axis: str = "data") -> Any:
         )
     return jax.tree.map(lambda leaf: _leaf_shardings(leaf, mesh, axis), state,
                         is_leaf=lambda x: isinstance(x, Quantized))
+
+
+# ---- Host offload ---------------------------------------------------------------------------------
+
+def host_offload_shardings(state: Any) -> Any:
+    """Shardings that keep an optimizer state's moments in pinned host memory between steps.
+
+    Each array of the moments (``mu``, ``nu``, ``nu_max``, and a Kahan ``compensation``; the
+    codes and scales of an 8-bit moment) keeps its own sharding, moved to ``"pinned_host"``
+    memory; ``count`` stays in device memory. Pass the result to ``jax.device_put`` for the
+    state (and, if you like, to ``jax.jit(..., out_shardings=...)``). Inside the step,
+    :func:`adamx.update` streams each host-resident moment to the device, updates it there, and
+    streams it back, so device memory holds a leaf's moments only while the step updates them
+    (XLA schedules the copies). Composes with ZeRO-1:
+    ``host_offload_shardings(zero1_shardings(state, mesh))``. (JAX tracks only pinned host
+    memory inside a jitted step, so ``"unpinned_host"`` is not offered.)
+
+    Args:
+      state: An optimizer state (concrete, or abstract from ``jax.eval_shape`` with shardings),
+        or a pytree of shardings shaped like one (e.g. from :func:`zero1_shardings`). Leaves
+        without a sharding (an abstract state without one) get the default device's.
+
+    Returns:
+      A pytree of shardings with the structure of ``state``.
+
+    Raises:
+      ValueError: If the devices have no pinned host memory.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, adamx
+      >>> state = adamx.init({"w": jnp.zeros((4, 3))})
+      >>> shardings = adamx.host_offload_shardings(state)
+      >>> shardings.mu["w"].memory_kind, shardings.count.memory_kind
+      ('pinned_host', 'device')
+      >>> state = jax.device_put(state, shardings)
+    """
+    def sharding_of(leaf):
+        if isinstance(leaf, jax.sharding.Sharding):
+            return leaf
+        found = getattr(leaf, "sharding", None)
+        return found if found is not None else jax.sharding.SingleDeviceSharding(jax.devices()[0])
+
+    def place(leaf, kind):
+        sharding = sharding_of(leaf)
+        kinds = {m.kind for d in sharding.device_set for m in d.addressable_memories()}
+        if kind not in kinds:
+            raise ValueError(f"adamx.host_offload_shardings: the devices of this state have no "
+                             f"{kind!r} memory (they have {sorted(kinds)})")
+        return sharding.with_memory_kind(kind)
+
+    fields = {name: jax.tree.map(lambda x: place(x, "pinned_host"), getattr(state, name))
+              for name in ("mu", "nu", "nu_max", "compensation")}
+    return state._replace(count=place(state.count, "device"), **fields)
+
+
+def to_device(moment: Any) -> Any:
+    """A moment's arrays in device memory: host-resident ones are streamed in (inside a step)."""
+    def move(x):
+        space = getattr(jax.typeof(x), "memory_space", None)
+        if space == jax.memory.Space.Host:
+            return jax.device_put(x, jax.memory.Space.Device)
+        return x
+
+    return jax.tree.map(move, moment)
+
+
+def like(new: Any, old: Any) -> Any:
+    """``new`` back in the memory space of ``old`` (host-resident moments stream back out)."""
+    def move(x, y):
+        if getattr(jax.typeof(y), "memory_space", None) == jax.memory.Space.Host:
+            return jax.device_put(x, jax.memory.Space.Host)
+        return x
+
+    return jax.tree.map(move, new, old)

@@ -14,6 +14,7 @@ import optax
 from jax.typing import ArrayLike
 
 from adamx import _numerics, _state, _storage
+from adamx._sharding import like, to_device
 from adamx._checks import (
     check_bool,
     check_choice,
@@ -239,9 +240,11 @@ def step(fn, grads, state, params, hp, rule, mask=None):
         g_c = g.astype(_numerics.complex_dtype(dtype) if jnp.iscomplexobj(g) else dtype)
         if rule.maximize:
             g_c = -g_c
-        m, v, v_used, new_max = _moments(g_c, mu[k], nu[k], nu_max[k], s, rule)
+        # moments kept in host memory (adamx.host_offload_shardings) are updated on the device
+        here = [to_device(x) for x in (mu[k], nu[k], nu_max[k], comp[k])]
+        m, v, v_used, new_max = _moments(g_c, *here[:3], s, rule)
         u = _direction(g_c, m, v_used, p, decay[k], s, rule)
-        c = comp[k]
+        c = here[3]
         if lr is not None:
             u = jnp.asarray(-lr, dtype).astype(g_c.dtype) * u
         if rounded[k]:
@@ -251,10 +254,11 @@ def step(fn, grads, state, params, hp, rule, mask=None):
         else:
             u = u.astype(g.dtype)
         out["u"].append(u)
-        out["mu"].append(_storage.store(m, mu[k]))
-        out["nu"].append(_storage.store(v, nu[k]))
-        out["nu_max"].append(None if new_max is None else _storage.store(new_max, nu_max[k]))
-        out["compensation"].append(c)
+        out["mu"].append(like(_storage.store(m, here[0]), mu[k]))
+        out["nu"].append(like(_storage.store(v, here[1]), nu[k]))
+        out["nu_max"].append(None if new_max is None else
+                             like(_storage.store(new_max, here[2]), nu_max[k]))
+        out["compensation"].append(like(c, comp[k]))
 
     new_state = _state.AdamState(count=count, **{
         name: None if fields[name] is None else treedef.unflatten(out[name]) for name in fields})
