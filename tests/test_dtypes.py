@@ -106,3 +106,41 @@ def test_python_scalar_params_are_accepted():
     state = adamx.init({"w": 1.0})
     updates, _ = adamx.update({"w": 2.0}, state, learning_rate=0.1)
     np.testing.assert_allclose(updates["w"], -0.1, rtol=1e-6)
+
+
+def test_integer_and_boolean_params_are_not_trained_and_keep_no_moments():
+    params = {"w": jnp.linspace(-1, 1, 4), "steps": jnp.int32(7), "on": jnp.array([True, False])}
+    tx = adamx.adam(0.1)
+    state = tx.init(params)
+    assert state.mu["steps"] is None and state.nu["on"] is None
+    assert sum(x.size for x in jax.tree.leaves(state)) == 1 + 2 * 4  # count, mu and nu of w
+    grads = jax.grad(lambda p: jnp.sum(p["w"] ** 2), allow_int=True)(params)
+    assert grads["steps"].dtype == jax.dtypes.float0
+    updates, _ = jax.jit(tx.update)(grads, state, params)
+    # zero updates in the gradients' dtype, as apply_if_finite's skipped step has them
+    assert updates["steps"].dtype == jax.dtypes.float0 and updates["on"].dtype == jax.dtypes.float0
+    # integer gradients: zero integer updates, and apply_updates leaves the params as they are
+    int_grads = {**grads, "steps": jnp.int32(3), "on": jnp.array([1, 1], jnp.int32)}
+    updates, _ = tx.update(int_grads, state, params)
+    new = optax.apply_updates(params, updates)
+    assert int(new["steps"]) == 7 and new["on"].tolist() == [True, False]
+    # the float leaf steps as optax.adam steps it alone (to optax's float32 bias correction)
+    peer = optax.adam(0.1)
+    want, _ = peer.update(grads["w"], peer.init(params["w"]))
+    np.testing.assert_allclose(updates["w"], want, rtol=2e-5)
+
+
+def test_complex_mu_dtype_is_honoured_and_steps_like_optax():
+    params = {"w": jnp.linspace(-1, 1, 4), "z": jnp.linspace(-1, 1, 4) * (1 + 1j)}
+    grads = jax.tree.map(lambda x: jnp.cos(x) * 0.5, params)
+    tx, peer = adamx.adam(0.1, mu_dtype=jnp.complex64), optax.adam(0.1, mu_dtype=jnp.complex64)
+    state = tx.init(params)
+    assert state.mu["w"].dtype == state.mu["z"].dtype == jnp.complex64
+    assert state.nu["w"].dtype == state.nu["z"].dtype == jnp.float32
+    updates, state = tx.update(grads, state)
+    want, _ = peer.update(grads, peer.init(params))
+    # updates in the gradients' dtype (optax's are complex for the real leaf too), equal values
+    # to optax's float32 bias correction
+    assert updates["w"].dtype == jnp.float32 and updates["z"].dtype == jnp.complex64
+    for a, b in zip(jax.tree.leaves(updates), jax.tree.leaves(want)):
+        np.testing.assert_allclose(a, b, rtol=2e-5)
