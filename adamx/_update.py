@@ -218,51 +218,49 @@ def step(fn, grads, state, params, hp, rule, mask=None):
 
     count = _numerics.safe_increment(state.count)
     scalars = {}
-    none = [None] * n
-    mu, nu = fields["mu"], fields["nu"]
-    nu_max, comp = fields["nu_max"] or none, fields["compensation"] or none
-    out = {"u": [], "mu": [], "nu": [], "nu_max": [], "compensation": []}
-    for k, g in enumerate(g_leaves):
-        p = p_leaves[k]
+    stored = [fields[name] or [None] * n for name in ("mu", "nu", "nu_max", "compensation")]
+    outs = []
+    for k, (g, p) in enumerate(zip(g_leaves, p_leaves)):
         if not _storage.trained(g):
             # An integer param is not trained: a zero update (in the gradient's dtype, an integer
             # or float0, as apply_if_finite's skipped step and optax's own updates have it).
-            zero = np.zeros(np.shape(g), jnp.result_type(g))
-            for name, value in (("u", zero), ("mu", None), ("nu", None), ("nu_max", None),
-                                ("compensation", None)):
-                out[name].append(value)
+            outs.append((np.zeros(np.shape(g), jnp.result_type(g)), None, None, None, None))
             continue
         g = jnp.asarray(g)
         dtype = _numerics.compute_dtype(g.dtype)
         if dtype not in scalars:
             scalars[dtype] = step_scalars(dtype, count, hp, rule)
-        s = scalars[dtype]
-        g_c = g.astype(_numerics.complex_dtype(dtype) if jnp.iscomplexobj(g) else dtype)
-        if rule.maximize:
-            g_c = -g_c
-        # moments kept in host memory (adamx.host_offload_shardings) are updated on the device
-        here = [to_device(x) for x in (mu[k], nu[k], nu_max[k], comp[k])]
-        m, v, v_used, new_max = _moments(g_c, *here[:3], s, rule)
-        u = _direction(g_c, m, v_used, p, decay[k], s, rule)
-        c = here[3]
-        if lr is not None:
-            u = jnp.asarray(-lr, dtype).astype(g_c.dtype) * u
-        if rounded[k]:
-            bits = None if rule.kahan else _numerics.random_bits(
-                g.shape, seed=hp.seed, count=count, stream=k, sharding=jax.typeof(g).sharding)
-            u, c = _write(p, c, u, g.dtype, rule, bits)
-        else:
-            u = u.astype(g.dtype)
-        out["u"].append(u)
-        out["mu"].append(like(_storage.store(m, here[0]), mu[k]))
-        out["nu"].append(like(_storage.store(v, here[1]), nu[k]))
-        out["nu_max"].append(None if new_max is None else
-                             like(_storage.store(new_max, here[2]), nu_max[k]))
-        out["compensation"].append(like(c, comp[k]))
+        bits = None
+        if rounded[k] and not rule.kahan:
+            bits = _numerics.random_bits(g.shape, seed=hp.seed, count=count, stream=k,
+                                         sharding=jax.typeof(g).sharding)
+        outs.append(_leaf_step(g, [x[k] for x in stored], p, decay[k], lr, scalars[dtype], rule,
+                               rounded[k], bits))
 
-    new_state = _state.AdamState(count=count, **{
-        name: None if fields[name] is None else treedef.unflatten(out[name]) for name in fields})
-    return treedef.unflatten(out["u"]), new_state
+    new_fields = {name: None if fields[name] is None else treedef.unflatten([o[i] for o in outs])
+                  for i, name in enumerate(("mu", "nu", "nu_max", "compensation"), start=1)}
+    return treedef.unflatten([o[0] for o in outs]), _state.AdamState(count=count, **new_fields)
+
+
+def _leaf_step(g, stored, p, decay, lr, s, rule, rounded, bits):
+    """One trained leaf: its update, and its (mu, nu, nu_max, compensation) as stored."""
+    # moments kept in host memory (adamx.host_offload_shardings) are updated on the device
+    mu, nu, nu_max, c = (to_device(x) for x in stored)
+    real = s["b1"].dtype
+    g_c = g.astype(_numerics.complex_dtype(real) if jnp.iscomplexobj(g) else real)
+    if rule.maximize:
+        g_c = -g_c
+    m, v, v_used, new_max = _moments(g_c, mu, nu, nu_max, s, rule)
+    u = _direction(g_c, m, v_used, p, decay, s, rule)
+    if lr is not None:
+        u = jnp.asarray(-lr, real).astype(g_c.dtype) * u
+    if rounded:
+        u, c = _write(p, c, u, g.dtype, rule, bits)
+    else:
+        u = u.astype(g.dtype)
+    new_max = None if new_max is None else _storage.store(new_max, nu_max)
+    new = (_storage.store(m, mu), _storage.store(v, nu), new_max, c)
+    return (u,) + tuple(like(x, old) for x, old in zip(new, stored))
 
 
 def update(
