@@ -5,6 +5,7 @@ two APIs train on exactly the same arrays and print the same table.
 """
 
 import argparse
+import os
 import sys
 
 import numpy as np
@@ -83,19 +84,73 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
+class RunError(Exception):
+    """A problem found while running (a file, a checkpoint, a diverged loss): one line, status 2."""
+
+
+# The examples train in float32: a learning rate must survive the cast, neither overflowing to inf
+# (1e39 is finite in float64) nor falling below the smallest normal float32.
+FLOAT32_MIN, FLOAT32_MAX = float(np.finfo(np.float32).tiny), float(np.finfo(np.float32).max)
+
+
 def positive_float(text):
-    """Parses a learning rate: a finite float > 0.
+    """Parses a learning rate: a positive number that is finite and normal in float32.
 
     >>> positive_float("1e-3")
     0.001
+    >>> positive_float("1e39")
+    Traceback (most recent call last):
+    argparse.ArgumentTypeError: must be in [1.18e-38, 3.4e+38] (positive, finite in float32), got 1e+39
     """
     try:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not np.isfinite(value) or value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+    if not FLOAT32_MIN <= value <= FLOAT32_MAX:
+        raise argparse.ArgumentTypeError(
+            f"must be in [{FLOAT32_MIN:.3g}, {FLOAT32_MAX:.3g}] (positive, finite in float32), "
+            f"got {value:g}")
     return value
+
+
+def output_file(*suffixes):
+    """An argparse type: a path where a new file ending in one of `suffixes` can be written.
+
+    Rejects, at parse time rather than after training, a directory (a plotting or saving library
+    would silently write `DIR.png` or `DIR.npz` beside it), a name with another ending, a parent
+    directory that does not exist, and one that is not writable.
+
+    >>> output_file(".npz")("params.npz")
+    'params.npz'
+    """
+    endings = " or ".join(filter(None, [", ".join(suffixes[:-1]), suffixes[-1]]))
+
+    def parse(text):
+        if os.path.isdir(text):
+            raise argparse.ArgumentTypeError(
+                f"{text!r} is a directory; expected a file name ending in {endings}")
+        if not text.lower().endswith(suffixes):
+            raise argparse.ArgumentTypeError(f"expected a file name ending in {endings}, got {text!r}")
+        parent = os.path.dirname(text) or "."
+        if not os.path.isdir(parent):
+            raise argparse.ArgumentTypeError(f"the directory {parent!r} of {text!r} does not exist")
+        if not os.access(parent, os.W_OK):
+            raise argparse.ArgumentTypeError(f"cannot write in the directory {parent!r}")
+        return text
+
+    return parse
+
+
+def check_finite_loss(loss, epoch):
+    """Raises RunError when an epoch's mean loss is inf or NaN: a diverged model is not a result.
+
+    >>> check_finite_loss(float("nan"), 3)
+    Traceback (most recent call last):
+    _common.RunError: the training loss became non-finite (nan) in epoch 3; try a smaller --learning-rate
+    """
+    if not np.isfinite(loss):
+        raise RunError(f"the training loss became non-finite ({loss}) in epoch {epoch}; "
+                       "try a smaller --learning-rate")
 
 
 def positive_int(text):

@@ -29,7 +29,8 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 import adamx
-from _common import OneLineParser, load_task, positive_float, positive_int
+from _common import (OneLineParser, RunError, check_finite_loss, load_task, output_file, positive_float,
+                     positive_int)
 
 
 def init_mlp(key, sizes):
@@ -106,6 +107,9 @@ def train(tx, mesh, data, *, epochs, batch_size, seed=0, zero1=False, max_steps=
 
     Returns:
       The final params as a pytree of NumPy arrays.
+
+    Raises:
+      RunError: when an epoch's mean training loss is inf or NaN.
     """
     replicated = NamedSharding(mesh, P())
     rows = NamedSharding(mesh, P("data"))
@@ -147,15 +151,17 @@ def train(tx, mesh, data, *, epochs, batch_size, seed=0, zero1=False, max_steps=
         if not losses:
             break
         test_loss, test_accuracy = to_host(evaluate(params, x_test, y_test))
-        log(f"epoch {epoch}: loss {np.mean(to_host(losses)):.4f} - test loss "
+        train_loss = float(np.mean(to_host(losses)))
+        log(f"epoch {epoch}: loss {train_loss:.4f} - test loss "
             f"{test_loss:.4f} - test accuracy {test_accuracy:.4f} - "
             f"{time.perf_counter() - start:.2f}s")
+        check_finite_loss(train_loss, epoch)
     return to_host(params)
 
 
 def parse_args(argv):
-    """Parses the command line."""
-    parser = OneLineParser(description=__doc__.splitlines()[0])
+    """Parses the command line; returns (parser, args)."""
+    parser = OneLineParser(prog="data_parallel.py", description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=positive_int, default=10)
     parser.add_argument("--batch-size", type=positive_int, default=128,
                         help="global batch size, a multiple of the device count")
@@ -169,27 +175,40 @@ def parse_args(argv):
     parser.add_argument("--process-id", type=int, default=0)
     parser.add_argument("--coordinator", default=None,
                         help="host:port of process 0, e.g. 127.0.0.1:12355")
-    parser.add_argument("--save", default=None,
+    parser.add_argument("--save", default=None, metavar="FILE.npz", type=output_file(".npz"),
                         help="process 0 writes the final params to this .npz file")
     args = parser.parse_args(argv)
     if args.num_processes > 1 and args.coordinator is None:
         parser.error("--coordinator is required with --num-processes > 1")
     if not 0 <= args.process_id < args.num_processes:
         parser.error(f"--process-id must be in [0, {args.num_processes}), got {args.process_id}")
-    return args
+    return parser, args
 
 
 def main(argv=None):
-    """Runs the example; returns the final params (NumPy arrays)."""
-    args = parse_args(sys.argv[1:] if argv is None else argv)
+    """Runs the example; returns the final params (NumPy arrays).
+
+    Raises:
+        SystemExit: with status 2 and one line on stderr, for a bad flag, a batch size the device
+            count does not divide, or a training loss that becomes inf or NaN.
+    """
+    parser, args = parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        return run(args)
+    except RunError as error:
+        parser.error(str(error))
+
+
+def run(args):
+    """Trains as the flags say (after joining the other processes); returns the final params."""
     if args.num_processes > 1:
         # CPU devices of different processes talk through gloo; set before the backend starts.
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
         jax.distributed.initialize(coordinator_address=args.coordinator,
                                    num_processes=args.num_processes, process_id=args.process_id)
     if args.batch_size % jax.device_count():
-        raise SystemExit(f"data_parallel.py: --batch-size {args.batch_size} is not a multiple of "
-                         f"the {jax.device_count()} devices")
+        raise RunError(f"--batch-size must be a multiple of the {jax.device_count()} devices, "
+                       f"got {args.batch_size}")
     mesh = jax.make_mesh((jax.device_count(),), ("data",))
     with jax.set_mesh(mesh):
         params = train(adamx.adam(args.learning_rate), mesh, load_task("digits"),
@@ -199,7 +218,10 @@ def main(argv=None):
     if args.save is not None and jax.process_index() == 0:
         flat = {jax.tree_util.keystr(path): leaf
                 for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]}
-        np.savez(args.save, **flat)
+        try:
+            np.savez(args.save, **flat)
+        except OSError as error:
+            raise RunError(f"--save: cannot write {args.save!r}: {error.strerror}") from None
     if args.num_processes > 1:
         jax.distributed.shutdown()
     return params

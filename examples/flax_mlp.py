@@ -3,15 +3,19 @@
     python examples/flax_mlp.py                              # digits, Adam, 20 epochs
     python examples/flax_mlp.py --task seed                  # the original Keras example
     python examples/flax_mlp.py --compare adam,sgd,rmsprop,adagrad --plot compare.png
-    python examples/flax_mlp.py --checkpoint-dir /tmp/run    # kill it, then add --resume
+    python examples/flax_mlp.py --checkpoint-dir ckpt        # kill it, then add --resume
 
 The model is a `flax.training.train_state.TrainState` whose `tx` is `adamx.adam(...)` (or another
 optimizer of `--optimizer`). One epoch is one jitted function: a `lax.scan` over the shuffled
 batches with the state's buffers donated, compiled ahead of time so the compile is timed apart.
 
 `main(argv)` returns the run as a dict (history, timings, final params), so other code can call it.
+Every problem with the flags, the files or the run (a damaged checkpoint, a --resume with other
+flags, a loss that became inf or NaN) ends it with one line on stderr and exit status 2.
 """
 
+import contextlib
+import logging
 import math
 import os
 import statistics
@@ -26,8 +30,8 @@ import optax
 from flax.training import train_state
 
 import adamx
-from _common import (DEFAULT_LEARNING_RATES, OneLineParser, epoch_line, is_terminal, load_task,
-                     positive_float, positive_int)
+from _common import (DEFAULT_LEARNING_RATES, OneLineParser, RunError, check_finite_loss, epoch_line,
+                     is_terminal, load_task, output_file, positive_float, positive_int)
 
 OPTIMIZERS = {
     "adam": adamx.adam,
@@ -40,8 +44,10 @@ OPTIMIZERS = {
 }
 
 
-class ConfigMismatch(Exception):
-    """The flags of a --resume differ from those the checkpoint was written with."""
+# The flag behind each entry of a run's config, to name it when a --resume does not match.
+CONFIG_FLAGS = {"task": "--task", "optimizer": "--optimizer", "seed": "--seed",
+                "learning_rate": "--learning-rate", "batch_size": "--batch-size"}
+PLOT_SUFFIXES = (".png", ".pdf", ".svg")
 
 
 class MLP(nn.Module):
@@ -126,40 +132,109 @@ def host_copy(tree):
 
 
 class Checkpoints:
-    """Saves and restores params, optimizer state, step and data-order RNG with orbax."""
+    """Saves and restores params, optimizer state, step and data-order RNG with orbax.
+
+    Saves are synchronous. An asynchronous save that fails (say, the directory cannot be created)
+    leaves orbax's non-daemon threads waiting up to 300 s for a signal that never comes, so the
+    process would hang after the error; a synchronous save raises in `save` and nothing lingers.
+    Every orbax failure becomes a one-line `RunError` naming the directory.
+    """
 
     def __init__(self, directory):
         import orbax.checkpoint as ocp
 
         self._ocp = ocp
-        self.manager = ocp.CheckpointManager(
-            os.path.abspath(directory), options=ocp.CheckpointManagerOptions(max_to_keep=2))
+        self.directory = directory
+        try:
+            with self._reading():
+                self.manager = ocp.CheckpointManager(
+                    os.path.abspath(directory), options=ocp.CheckpointManagerOptions(
+                        max_to_keep=2, enable_async_checkpointing=False))
+        except OSError as error:
+            raise RunError(f"--checkpoint-dir: cannot use {directory!r}: {error.strerror}") from None
 
     def latest_epoch(self):
         """The last fully written epoch, or None."""
-        return self.manager.latest_step()
+        with self._reading():
+            return self.manager.latest_step()
 
     def save(self, epoch, state, rng, meta):
         tree = {"params": state.params, "opt_state": state.opt_state, "step": state.step,
                 "rng": jax.random.key_data(rng)}
         args = self._ocp.args.Composite(state=self._ocp.args.StandardSave(host_copy(tree)),
                                         meta=self._ocp.args.JsonSave(meta))
-        self.manager.save(epoch, args=args)
+        try:
+            self.manager.save(epoch, args=args)
+        except OSError as error:
+            raise RunError(f"--checkpoint-dir: cannot save epoch {epoch} in {self.directory!r}: "
+                           f"{error.strerror}") from None
+
+    @staticmethod
+    @contextlib.contextmanager
+    def _reading():
+        """Mutes orbax's log lines while reading: the damage they report ends up in a RunError."""
+        logger = logging.getLogger("absl")
+        level = logger.level
+        logger.setLevel(logging.CRITICAL)
+        try:
+            yield
+        finally:
+            logger.setLevel(level)
+
+    def _unreadable(self, epoch, reason):
+        return RunError(f"--resume: the checkpoint of epoch {epoch} in {self.directory!r} is "
+                        f"unreadable or corrupt ({reason})")
+
+    def restore_meta(self):
+        """Returns (epoch, meta) of the latest checkpoint: the run's config, epoch and history."""
+        epoch = self.latest_epoch()
+        try:
+            with self._reading():
+                meta = self.manager.restore(epoch, args=self._ocp.args.Composite(
+                    meta=self._ocp.args.JsonRestore()))["meta"]
+        except Exception as error:  # orbax raises many types for a damaged file; all mean the same
+            raise self._unreadable(epoch, first_line(error)) from None
+        fields = {"epoch": int, "history": dict, "config": dict}
+        if not isinstance(meta, dict) or any(not isinstance(meta.get(k), t) for k, t in fields.items()):
+            raise self._unreadable(epoch, "its metadata lacks epoch, history or config")
+        if meta["epoch"] != epoch or any(len(v) != epoch for v in meta["history"].values()):
+            raise self._unreadable(epoch, "its metadata does not describe that epoch")
+        return epoch, meta
 
     def restore(self, state, rng):
-        """Returns (state, rng, meta) of the latest checkpoint, shaped like `state` and `rng`."""
+        """Returns (state, rng) of the latest checkpoint, shaped like `state` and `rng`."""
+        epoch = self.latest_epoch()
         target = host_copy({"params": state.params, "opt_state": state.opt_state,
                             "step": state.step, "rng": jax.random.key_data(rng)})
-        args = self._ocp.args.Composite(state=self._ocp.args.StandardRestore(target),
-                                        meta=self._ocp.args.JsonRestore())
-        restored = self.manager.restore(self.latest_epoch(), args=args)
-        tree = jax.tree.map(jnp.asarray, restored["state"])
+        try:
+            with self._reading():
+                restored = self.manager.restore(epoch, args=self._ocp.args.Composite(
+                    state=self._ocp.args.StandardRestore(target)))["state"]
+        except Exception as error:  # orbax raises many types for a damaged file; all mean the same
+            raise self._unreadable(epoch, first_line(error)) from None
+        expected = jax.tree.map(lambda a: (a.shape, a.dtype), target)
+        if jax.tree.map(lambda a: (np.shape(a), np.asarray(a).dtype), restored) != expected:
+            raise self._unreadable(epoch, "its arrays do not have the model's shapes and dtypes")
+        tree = jax.tree.map(jnp.asarray, restored)
         state = state.replace(params=tree["params"], opt_state=tree["opt_state"], step=tree["step"])
-        return state, jax.random.wrap_key_data(tree["rng"]), restored["meta"]
+        return state, jax.random.wrap_key_data(tree["rng"])
 
     def close(self):
-        self.manager.wait_until_finished()
         self.manager.close()
+
+
+def first_line(error):
+    """`Type: first line of the message`, short enough for a one-line error."""
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0][:200]}" if text else type(error).__name__
+
+
+def config_difference(saved, config):
+    """The first flag whose value differs between a checkpoint's config and this run's, or None."""
+    for key, flag in CONFIG_FLAGS.items():
+        if saved.get(key) != config[key]:
+            return f"{flag} {saved.get(key)}, not {config[key]}"
+    return None
 
 
 class Bar:
@@ -182,21 +257,29 @@ class Bar:
         self.bar.close()
 
 
-def train(data, config, epochs, checkpoint_dir=None, resume=False, quiet=False, say=print):
-    """Trains one optimizer on `data`; returns history, timings, final params and test accuracy."""
+def train(data, config, epochs, checkpoints=None, resume=False, quiet=False, say=print):
+    """Trains one optimizer on `data`; returns history, timings, final params and test accuracy.
+
+    Raises:
+        RunError: when a --resume checkpoint is unreadable or was written with other flags, when
+            a checkpoint cannot be saved, or when the training loss becomes inf or NaN.
+    """
     x, y = jnp.asarray(data.x_train), jnp.asarray(data.y_train)
     x_test, y_test = jnp.asarray(data.x_test), jnp.asarray(data.y_test)
     state = create_state(data, config["optimizer"], config["learning_rate"], config["seed"])
     rng = jax.random.key(config["seed"] + 1)
     history = {"loss": [], "accuracy": [], "val_loss": [], "val_accuracy": []}
     start_epoch = 0
-    checkpoints = Checkpoints(checkpoint_dir) if checkpoint_dir else None
     if resume:
-        state, rng, meta = checkpoints.restore(state, rng)
-        if meta["config"] != config:
-            raise ConfigMismatch(f"the checkpoint was written with {meta['config']}, not {config}")
-        history, start_epoch = meta["history"], meta["epoch"]
-        say(f"Resumed from epoch {start_epoch} in {checkpoint_dir}")
+        # The config first: another optimizer or task would not even match the arrays' structure.
+        start_epoch, meta = checkpoints.restore_meta()
+        difference = config_difference(meta["config"], config)
+        if difference:
+            raise RunError(f"--resume: the checkpoint in {checkpoints.directory!r} was written "
+                           f"with {difference}")
+        state, rng = checkpoints.restore(state, rng)
+        history = meta["history"]
+        say(f"Resumed from epoch {start_epoch} in {checkpoints.directory}")
 
     bar = Bar() if not quiet and is_terminal() else None
     epoch_fn, num_batches = make_epoch(len(x), config["batch_size"], progress=bar)
@@ -218,13 +301,10 @@ def train(data, config, epochs, checkpoint_dir=None, resume=False, quiet=False, 
         for key in history:
             history[key].append(float(metrics[key]))
         say(epoch_line(num_batches, epoch_times[-1], metrics))
+        check_finite_loss(history["loss"][-1], epoch + 1)
         if checkpoints:
-            # orbax writes in the background: hand it a snapshot, not the lists we keep appending to.
-            snapshot = {key: list(values) for key, values in history.items()}
             checkpoints.save(epoch + 1, state, rng,
-                             {"epoch": epoch + 1, "history": snapshot, "config": dict(config)})
-    if checkpoints:
-        checkpoints.close()
+                             {"epoch": epoch + 1, "history": history, "config": config})
     steady = epoch_times[1:] or epoch_times
     return {"history": history, "compile_s": compile_s, "epoch_times": epoch_times,
             "epochs_per_s": 1.0 / statistics.median(steady) if steady else float("nan"),
@@ -258,8 +338,12 @@ def plot(runs, path, title):
         ax.legend(fontsize=8)
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    try:
+        fig.savefig(path, dpi=110)
+    except OSError as error:
+        raise RunError(f"--plot: cannot write {path!r}: {error.strerror}") from None
+    finally:
+        plt.close(fig)
 
 
 def build_parser():
@@ -273,7 +357,8 @@ def build_parser():
     parser.add_argument("--epochs", type=positive_int, help="default: 20 (digits), 50 (seed)")
     parser.add_argument("--batch-size", type=positive_int, default=32)
     parser.add_argument("--seed", type=int, default=0, help="init, data order and seed-task data")
-    parser.add_argument("--plot", metavar="FILE.png", help="write loss/accuracy curves")
+    parser.add_argument("--plot", metavar="FILE.png", type=output_file(*PLOT_SUFFIXES),
+                        help="write loss/accuracy curves (.png, .pdf or .svg)")
     parser.add_argument("--compare", metavar="OPT,OPT,...",
                         help="train each optimizer from the same init; one curve each")
     parser.add_argument("--checkpoint-dir", metavar="DIR", help="save a checkpoint every epoch")
@@ -294,17 +379,64 @@ def parse(argv):
         parser.error("--checkpoint-dir/--resume apply to a single --optimizer run, not --compare")
     if args.resume and not args.checkpoint_dir:
         parser.error("--resume needs --checkpoint-dir DIR")
-    if args.resume and not os.path.isdir(args.checkpoint_dir):
+    if args.resume and not os.path.exists(args.checkpoint_dir):
         parser.error(f"--resume: checkpoint directory {args.checkpoint_dir!r} does not exist")
-    if args.checkpoint_dir and os.path.isdir(args.checkpoint_dir):
-        checkpoints = Checkpoints(args.checkpoint_dir)
-        has_checkpoint = checkpoints.latest_epoch() is not None
-        checkpoints.close()
-        if args.resume and not has_checkpoint:
-            parser.error(f"--resume: no checkpoint in {args.checkpoint_dir!r}")
-        if not args.resume and has_checkpoint:
-            parser.error(f"{args.checkpoint_dir!r} already holds checkpoints; add --resume")
+    if args.checkpoint_dir and os.path.exists(args.checkpoint_dir) and not os.path.isdir(
+            args.checkpoint_dir):
+        parser.error(f"--checkpoint-dir: {args.checkpoint_dir!r} exists and is not a directory")
     return parser, args, names
+
+
+def open_checkpoints(args):
+    """The run's `Checkpoints` (None without --checkpoint-dir), after checking --resume against it."""
+    if not args.checkpoint_dir:
+        return None
+    checkpoints = Checkpoints(args.checkpoint_dir)
+    has_checkpoint = checkpoints.latest_epoch() is not None
+    if args.resume and not has_checkpoint:
+        checkpoints.close()
+        raise RunError(f"--resume: no checkpoint in {args.checkpoint_dir!r}")
+    if not args.resume and has_checkpoint:
+        checkpoints.close()
+        raise RunError(f"{args.checkpoint_dir!r} already holds checkpoints; add --resume")
+    return checkpoints
+
+
+def run(args, names, say):
+    """Trains each optimizer of `names` and writes the plot; see `main` for what it returns."""
+    data = load_task(args.task, seed=args.seed)
+    checkpoints = open_checkpoints(args)  # --checkpoint-dir comes with a single optimizer only
+    try:
+        runs = {name: train_one(args, name, data, checkpoints, say) for name in names}
+    finally:
+        if checkpoints:
+            checkpoints.close()
+    if args.plot:
+        histories = {name: result["history"] for name, result in runs.items()}
+        plot(histories, args.plot, f"{args.task}: " + ", ".join(
+            f"{n} lr={runs[n]['config']['learning_rate']:g}" for n in names))
+        say(f"wrote {args.plot}")
+    return {"runs": runs} if args.compare else runs[names[0]]
+
+
+def train_one(args, name, data, checkpoints, say):
+    """Trains optimizer `name` on `data` with the flags' settings and prints its summary line."""
+    epochs = args.epochs or data.default_epochs
+    config = {"task": args.task, "optimizer": name, "seed": args.seed,
+              "learning_rate": args.learning_rate or DEFAULT_LEARNING_RATES[name],
+              "batch_size": args.batch_size}
+    layers = "-".join(str(n) for n in (data.x_train.shape[1], *data.hidden, data.num_classes))
+    say(f"{args.task}: {len(data.x_train)} train / {len(data.x_test)} test rows, "
+        f"MLP {layers}, {name}(learning_rate={config['learning_rate']:g}), "
+        f"{epochs} epochs, batch {args.batch_size}")
+    try:
+        result = train(data, config, epochs, checkpoints, args.resume, args.quiet, say)
+    except RunError as error:
+        raise RunError(f"{name}: {error}" if args.compare else str(error)) from None
+    say(f"test accuracy {result['test_accuracy']:.4f} | first-epoch compile "
+        f"{result['compile_s']:.2f} s | steady {result['epochs_per_s']:.1f} epochs/s "
+        f"(median of {max(len(result['epoch_times']) - 1, 1)} epochs)")
+    return result
 
 
 def main(argv=None):
@@ -317,35 +449,16 @@ def main(argv=None):
         For one optimizer: a dict with `history` (per-epoch loss, accuracy, val_loss,
         val_accuracy), `compile_s`, `epoch_times`, `epochs_per_s`, `params` (NumPy),
         `test_accuracy` and `config`. With `--compare`: `{"runs": {optimizer: that dict}}`.
+
+    Raises:
+        SystemExit: with status 2 and one line on stderr, for a bad flag or any `RunError`.
     """
     parser, args, names = parse(argv)
     say = (lambda *_: None) if args.quiet else (lambda text: print(text, flush=True))
-    data = load_task(args.task, seed=args.seed)
-    epochs = args.epochs or data.default_epochs
-    runs = {}
-    for name in names:
-        config = {"task": args.task, "optimizer": name, "seed": args.seed,
-                  "learning_rate": args.learning_rate or DEFAULT_LEARNING_RATES[name],
-                  "batch_size": args.batch_size}
-        layers = "-".join(str(n) for n in (data.x_train.shape[1], *data.hidden, data.num_classes))
-        say(f"{args.task}: {len(data.x_train)} train / {len(data.x_test)} test rows, "
-            f"MLP {layers}, {name}(learning_rate={config['learning_rate']:g}), "
-            f"{epochs} epochs, batch {args.batch_size}")
-        try:
-            runs[name] = train(data, config, epochs, args.checkpoint_dir, args.resume,
-                               args.quiet, say)
-        except ConfigMismatch as error:
-            parser.error(str(error))
-        run = runs[name]
-        say(f"test accuracy {run['test_accuracy']:.4f} | first-epoch compile "
-            f"{run['compile_s']:.2f} s | steady {run['epochs_per_s']:.1f} epochs/s "
-            f"(median of {max(len(run['epoch_times']) - 1, 1)} epochs)")
-    if args.plot:
-        histories = {name: run["history"] for name, run in runs.items()}
-        plot(histories, args.plot, f"{args.task}: " + ", ".join(
-            f"{n} lr={runs[n]['config']['learning_rate']:g}" for n in names))
-        say(f"wrote {args.plot}")
-    return {"runs": runs} if args.compare else runs[names[0]]
+    try:
+        return run(args, names, say)
+    except RunError as error:
+        parser.error(str(error))
 
 
 if __name__ == "__main__":

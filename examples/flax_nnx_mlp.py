@@ -17,7 +17,8 @@ import optax
 from flax import nnx
 
 import adamx
-from _common import OneLineParser, epoch_line, load_task, positive_float, positive_int
+from _common import (OneLineParser, RunError, check_finite_loss, epoch_line, load_task, positive_float,
+                     positive_int)
 
 
 class MLP(nnx.Module):
@@ -72,8 +73,21 @@ def main(argv=None):
     Returns:
         A dict with `history` (per-epoch loss, accuracy, val_loss, val_accuracy),
         `epoch_times` (the first includes the compile) and `test_accuracy`.
+
+    Raises:
+        SystemExit: with status 2 and one line on stderr, for a bad flag or when the training
+            loss becomes inf or NaN.
     """
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return train(args)
+    except RunError as error:
+        parser.error(str(error))
+
+
+def train(args):
+    """Trains the MLP as the flags say; returns what `main` does."""
     say = (lambda *_: None) if args.quiet else (lambda text: print(text, flush=True))
     data = load_task("digits")
     model = MLP(data.x_train.shape[1], data.hidden[0], data.num_classes, rngs=nnx.Rngs(args.seed))
@@ -104,6 +118,7 @@ def main(argv=None):
         for key in history:
             history[key].append(metrics[key])
         say(epoch_line(len(starts), epoch_times[-1], metrics))
+        check_finite_loss(metrics["loss"], epoch + 1)
     steady = epoch_times[1:] or epoch_times
     say(f"test accuracy {history['val_accuracy'][-1]:.4f} | "
         f"steady {1.0 / statistics.median(steady):.1f} epochs/s")
