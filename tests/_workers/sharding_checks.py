@@ -6,7 +6,6 @@ strings, byte counts, differences); the test file makes the claims about them.
 """
 
 import json
-import os
 import re
 import sys
 import time
@@ -20,14 +19,11 @@ from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 import adamx
 from adamx._quantize import dequantize, quantize
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "examples"))
-import data_parallel  # noqa: E402
-from _common import load_task  # noqa: E402
+import mlp  # beside this script, so on sys.path when it runs
 
 COLLECTIVES = ("all-gather", "all-reduce", "all-to-all", "collective-permute", "reduce-scatter")
 STEPS = 10
 HLO_ITEMSIZE = {"f32": 4, "s32": 4, "u8": 1, "f64": 8, "bf16": 2, "f16": 2}
-DIGITS_SIZES = (64, 128, 10)  # inputs, load_task("digits").hidden, classes
 
 
 def spec_of(x):
@@ -121,20 +117,20 @@ def follow_check(axis_type, steps=STEPS):
     return out
 
 
-def digits_params(mesh):
-    """Zero params of the digits MLP's shapes, replicated over ``mesh``."""
-    shapes = jax.eval_shape(lambda: data_parallel.init_mlp(jax.random.key(0), DIGITS_SIZES))
+def mlp_params(mesh):
+    """Zero params of the 64-128-10 MLP's shapes, replicated over ``mesh``."""
+    shapes = jax.eval_shape(lambda: mlp.init_mlp(jax.random.key(0)))
     return jax.device_put(jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes),
                           NamedSharding(mesh, P()))
 
 
 def zero1_bytes_check():
-    """Per-device bytes of the digits MLP's Adam state under ZeRO-1 for N = 1, 2, 4, 8."""
+    """Per-device bytes of the MLP's Adam state under ZeRO-1 for N = 1, 2, 4, 8."""
     out = {}
     for n in (1, 2, 4, 8):
         mesh = jax.make_mesh((n,), ("data",), devices=jax.devices()[:n])
         with jax.set_mesh(mesh):
-            params = digits_params(mesh)
+            params = mlp_params(mesh)
             shardings = adamx.zero1_shardings(jax.eval_shape(adamx.init, params), mesh)
             state = jax.jit(adamx.init, out_shardings=shardings)(params)
             per_device = {}
@@ -166,25 +162,24 @@ def equality_check():
     Plain data parallelism (replicated state) is checked over two processes by
     tests/test_multiprocess.py.
     """
-    data = load_task("digits")
+    x, y = mlp.synthetic_data()
     one = jax.make_mesh((1,), ("data",), devices=jax.devices()[:1])
     eight = jax.make_mesh((8,), ("data",))
-    run = dict(epochs=1, batch_size=128, max_steps=STEPS, log=lambda line: None)
     optimizers = {
         "adam": (lambda: adamx.adam(1e-2), lambda: optax.adam(1e-2), (True,)),
         "adamw": (lambda: adamx.adamw(1e-2, weight_decay=0.1),
                   lambda: optax.adamw(1e-2, weight_decay=0.1), (True,)),
     }
-    initial = digits_params_host(data)
+    initial = jax.device_get(mlp.init_mlp(jax.random.key(0)))
     out = {}
     for name, (ours, peer, zero1_modes) in optimizers.items():
         with jax.set_mesh(one):
-            oracle = data_parallel.train(peer(), one, data, **run)
-            single = data_parallel.train(ours(), one, data, **run)
+            oracle = mlp.train(peer(), one, x, y, steps=STEPS)
+            single = mlp.train(ours(), one, x, y, steps=STEPS)
         out[f"{name}_one_device"] = {"vs_optax": max_abs_diff(single, oracle)}
         for zero1 in zero1_modes:
             with jax.set_mesh(eight):
-                got = data_parallel.train(ours(), eight, data, zero1=zero1, **run)
+                got = mlp.train(ours(), eight, x, y, steps=STEPS, zero1=zero1)
             out[f"{name}{'_zero1' if zero1 else ''}"] = {
                 "vs_optax": max_abs_diff(got, oracle),
                 "vs_one_device": max_abs_diff(got, single),
@@ -193,17 +188,11 @@ def equality_check():
     return out
 
 
-def digits_params_host(data):
-    sizes = (data.x_train.shape[1], *data.hidden, data.num_classes)
-    assert sizes == DIGITS_SIZES, sizes
-    return jax.device_get(data_parallel.init_mlp(jax.random.key(0), sizes))
-
-
 def zero1_hlo_check():
     """Collectives in the ZeRO-1 update: the updates of split leaves must be all-gathered."""
     mesh = jax.make_mesh((8,), ("data",))
     with jax.set_mesh(mesh):
-        params = digits_params(mesh)
+        params = mlp_params(mesh)
         shardings = adamx.zero1_shardings(jax.eval_shape(adamx.init, params), mesh)
         state = jax.jit(adamx.init, out_shardings=shardings)(params)
         tx = adamx.adam(1e-3)
@@ -259,29 +248,28 @@ def int8_check(axis_type):
         adamx.init({"w": jnp.zeros((64, 128))}, mu_dtype="int8", nu_dtype="int8")
     except (ValueError, TypeError) as error:
         return {"available": False, "reason": str(error)}
-    data = load_task("digits")
+    x, y = mlp.synthetic_data()
     one = jax.make_mesh((1,), ("data",), devices=jax.devices()[:1], axis_types=(axis_type,))
     eight = jax.make_mesh((8,), ("data",), axis_types=(axis_type,))
-    run = dict(epochs=1, batch_size=128, max_steps=STEPS, log=lambda line: None)
 
     def tx():
         return adamx.adam(1e-2, mu_dtype="int8", nu_dtype="int8")
 
     with jax.set_mesh(one):
-        single = data_parallel.train(tx(), one, data, **run)
+        single = mlp.train(tx(), one, x, y, steps=STEPS)
     with jax.set_mesh(eight):
         try:
-            sharded = data_parallel.train(tx(), eight, data, zero1=True, **run)
+            sharded = mlp.train(tx(), eight, x, y, steps=STEPS, zero1=True)
         except ValueError as error:  # a step that the sharding-in-types mode rejects
             return {"available": True, "error": str(error)}
-        state = jax.eval_shape(tx().init, digits_params(eight))
+        state = jax.eval_shape(tx().init, mlp_params(eight))
         shardings = specs(adamx.zero1_shardings(state, eight))
     diffs = np.concatenate([np.abs(a - b).ravel() for a, b in
                             zip(jax.tree.leaves(sharded), jax.tree.leaves(single))])
     return {"available": True, "vs_one_device": max_abs_diff(sharded, single),
             "diff_quantiles": [float(q) for q in np.quantile(diffs, [0.5, 0.99, 0.999])],
             "elements": int(diffs.size),
-            "max_param_change": max_abs_diff(single, digits_params_host(data)),
+            "max_param_change": max_abs_diff(single, jax.device_get(mlp.init_mlp(jax.random.key(0)))),
             "specs": shardings}
 
 
