@@ -1,26 +1,53 @@
-"""The Colab tour notebook runs top to bottom in a fresh kernel, and is committed with its outputs.
+"""The Colab tour notebook runs top to bottom in a fresh kernel, is committed with its outputs, and
+installs adamx only from a checkout or from its repository's URL, never by bare name.
 
 The kernel is "python3": jupyter_client resolves it to the interpreter running the tests (the
 venv's ipykernel, whether or not a kernelspec file is installed), so the notebook imports the
 same adamx as the tests.
 """
 
+import importlib.util
 import pathlib
+import re
+import subprocess
+import sys
 
+import ipykernel  # noqa: F401  (the kernel the notebook runs in)
+import nbclient
+import nbformat
 import pytest
 
-nbformat = pytest.importorskip("nbformat", reason="the notebook test needs nbformat (test extra)")
-nbclient = pytest.importorskip("nbclient", reason="the notebook test needs nbclient (test extra)")
-pytest.importorskip("ipykernel", reason="the notebook test needs ipykernel (test extra)")
-pytest.importorskip("flax", reason="the notebook trains a Flax MLP (examples extra)")
-pytest.importorskip("sklearn", reason="the notebook uses scikit-learn's digits (examples extra)")
-pytest.importorskip("matplotlib", reason="the notebook draws figures (examples extra)")
-
 NOTEBOOK = pathlib.Path(__file__).resolve().parents[1] / "notebooks" / "adamx_tour.ipynb"
+PLACEHOLDER = "__GITHUB_OWNER__"
 
 
 def code_cells(notebook):
     return [cell for cell in notebook.cells if cell.cell_type == "code"]
+
+
+def install_cell_source():
+    return code_cells(nbformat.read(NOTEBOOK, as_version=4))[0].source
+
+
+def repository_of_install_cell(source):
+    """owner/name of the one `ADAMX_REPOSITORY = "https://github.com/owner/name"` assignment."""
+    found = re.findall(r'^ADAMX_REPOSITORY = "https://github\.com/([^/"]+/[^/"@]+)(?:@[^"]*)?"$',
+                       source, flags=re.MULTILINE)
+    assert len(found) == 1, "the install cell must assign ADAMX_REPOSITORY exactly once"
+    return found[0]
+
+
+def run_install_cell(source, cwd, monkeypatch):
+    """Executes the install cell as if adamx were not importable; returns the pip commands run."""
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *args: None if name == "adamx" else find_spec(name, *args))
+    calls = []
+    monkeypatch.setattr(subprocess, "check_call", lambda command, **kwargs: calls.append(command))
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    monkeypatch.chdir(cwd)
+    exec(compile(source, "install cell", "exec"), {})
+    return calls
 
 
 def test_committed_notebook_shows_outputs_and_figures_without_errors():
@@ -29,6 +56,37 @@ def test_committed_notebook_shows_outputs_and_figures_without_errors():
     assert not [out for out in outputs if out.output_type == "error"]
     figures = [out for out in outputs if "image/png" in out.get("data", {})]
     assert len(figures) >= 10, "the committed notebook should carry its figures"
+
+
+def test_colab_badge_opens_the_repository_the_install_cell_installs_from():
+    intro = nbformat.read(NOTEBOOK, as_version=4).cells[0]
+    badges = re.findall(r"https://colab\.research\.google\.com/github/([^/]+/[^/]+)/blob/",
+                        intro.source)
+    assert badges == [repository_of_install_cell(install_cell_source())]
+
+
+def test_install_cell_stops_with_a_message_while_the_owner_is_a_placeholder(tmp_path, monkeypatch):
+    source = install_cell_source()
+    assert repository_of_install_cell(source).startswith(PLACEHOLDER + "/")
+    with pytest.raises(RuntimeError, match=f"ADAMX_REPOSITORY.*{PLACEHOLDER}") as error:
+        run_install_cell(source, tmp_path, monkeypatch)
+    assert "package index" in str(error.value)
+
+
+def test_install_cell_installs_from_the_repository_url_never_by_bare_name(tmp_path, monkeypatch):
+    source, count = re.subn(r'^ADAMX_REPOSITORY = ".*"$',
+                            'ADAMX_REPOSITORY = "https://github.com/example-owner/adamx"',
+                            install_cell_source(), flags=re.MULTILINE)
+    assert count == 1
+    calls = run_install_cell(source, tmp_path, monkeypatch)
+    assert calls == [[sys.executable, "-m", "pip", "install", "-q",
+                      "adamx[examples] @ git+https://github.com/example-owner/adamx"]]
+
+
+def test_install_cell_uses_the_checkout_it_runs_in(monkeypatch):
+    calls = run_install_cell(install_cell_source(), NOTEBOOK.parent, monkeypatch)
+    assert calls == []
+    assert sys.path[0] == str(NOTEBOOK.parents[1])
 
 
 def test_notebook_runs_top_to_bottom_in_a_fresh_kernel():
