@@ -134,8 +134,7 @@ ffi::Error StepImpl(ffi::ThreadPool pool, ScalarBuffer scalars,
       }
       out[i] = static_cast<float*>((*b)->untyped_data());
     }
-    step.leaves.push_back(Leaf{in[0], in[1], in[2], in[3], out[0], out[1], out[2], size,
-                               decay[k] != 0});
+    step.leaves.push_back(Leaf{in[0], in[1], in[2], in[3], out[0], out[1], out[2]});
     step.fns.push_back(PickStep(isa, flags, decay[k] != 0));
     step.starts.push_back(step.starts.back() + size);
   }

@@ -43,8 +43,6 @@ struct Leaf {
   float* p;
   float* m;
   float* v;
-  int64_t size;
-  bool decay;
 };
 
 // Updates elements [lo, hi) of a leaf with the step scalars s.

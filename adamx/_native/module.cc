@@ -96,8 +96,7 @@ PyObject* RunIsa(PyObject*, PyObject* args) {
     PyErr_SetString(PyExc_ValueError, "adamx._native._ext.run_isa: p, g, m, v differ in size");
     return nullptr;
   }
-  const adamx::Leaf leaf{p.data(), g.data(), m.data(), v.data(), p.data(), m.data(), v.data(),
-                         n, decay != 0};
+  const adamx::Leaf leaf{p.data(), g.data(), m.data(), v.data(), p.data(), m.data(), v.data()};
   const adamx::StepFn fn = adamx::PickStep(isa, flags, decay != 0);
   Py_BEGIN_ALLOW_THREADS
   fn(leaf, 0, n, scalars.data());
