@@ -1,23 +1,34 @@
-"""Block-wise dynamic 8-bit storage for a moment (Dettmers et al. 2021).
+"""Quantized moments: block-wise 8-bit and 4-bit storage, and rank-1 normalized 4-bit.
 
-A moment leaf of ``n`` elements is cut, in row-major order, into blocks of ``block_size``
-elements (the last block may be short). Each block keeps its largest magnitude ``absmax`` in
-float32, and each element keeps one byte: the index of the code-table value nearest to
-``x / absmax``. Decoding is ``table[code] * absmax``. The tables are the dynamic tree code of the
-paper, signed for the first moment and unsigned for the second (which is never negative).
+A quantized moment is a NamedTuple of arrays whose format the arrays themselves say, so
+``flax.serialization``, orbax, ``lax.scan``/``lax.cond``, ``optax.MultiSteps`` and ``jax.export``
+carry it like any other pytree node:
 
-Layout: ``codes`` has the leaf's own shape (uint8), so it follows the param's sharding and holds no
-padding; ``absmax`` is flat, one float32 per block. A leaf therefore costs
-``n + 4 * ceil(n / block_size)`` bytes, 1.016 bytes per element for blocks of 256.
+* :class:`Int8Blocks` ``(codes, absmax)``: the leaf cut in row-major order into blocks of ``B``
+  elements, a power of two (the last block may be short). ``absmax`` holds each block's largest
+  magnitude in float32, ``codes`` one byte per element with the leaf's shape (so they follow the
+  param's sharding). int8 codes are the signed log code of a first moment, uint8 the unsigned one of
+  a second (see ``adamx/_codes.py``). ``n + 4 ceil(n / B)`` bytes: 1.016 per element for B = 256.
+* :class:`Int4Blocks` ``(codes, absmax)``: the same with two 4-bit codes per byte along the last
+  axis, which must be even (``codes.shape[-1]`` is half of it); a first moment's square code.
+  0.531 bytes per element for B = 128.
+* :class:`Int4Rank1` ``(codes, row_max, col_max)``: a second moment under Li et al.'s rank-1
+  normalization, for a leaf seen as rows (all leading axes) by columns (the last axis): element
+  ``(i, j)`` is scaled by ``min(row_max[i], col_max[j])`` and stored in the linear code
+  ``(k + 1) / 16``, two per byte along the last axis (padded to even). ``row_max`` has the leading
+  axes' shape and ``col_max`` the last axis's, so the leaf's shape is theirs joined.
 
-No zero point for the second moment: under the unsigned code a positive value never rounds to
-0 but to the smallest positive code (3.25e-7 of its block's absmax). A second moment stored as 0
-beside a nonzero first moment would make that element's step ``m / eps``: the zero-point problem
-of Li et al. 2023, which here cost a character-level language model 5% of its loss.
+With ``n > 1`` blocks of a ``size``-element leaf the block size is the power of two at or above
+``ceil(size / n)``; with one block any size at or above ``size`` decodes alike. A signed code is
+stored in int8, an unsigned one in uint8.
 
-Non-finite values: a block that holds a NaN or an infinity decodes to NaN in all of its elements
-and leaves every other block untouched. Wrap the optimizer in ``optax.apply_if_finite`` to skip
-such steps and keep the state finite.
+Training rounds codes stochastically (see ``adamx/_codes.py``), so a positive second moment never
+decodes to 0. Non-finite values: a NaN or infinity makes its own block (under rank-1: its row and
+its column) decode to NaN, and no other element. A second moment is stored at most at the float32
+maximum, so one finite gradient whose square overflows (``|g| > 1.8e19``) leaves its block finite:
+its own update is 0, as with float32 moments, and its neighbours decode to at least the code's
+floor (``2**-16`` of the maximum, 1/16 under rank-1), which keeps their steps near 0 until that
+value decays (``b2**t``), where float32 moments would leave them alone.
 
 References:
   Dettmers, Lewis, Shleifer, Zettlemoyer, "8-bit Optimizers via Block-wise Quantization",
@@ -27,127 +38,21 @@ References:
 """
 
 import dataclasses
-import functools
+import math
+from typing import Any, Optional, Union
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
 
+from adamx import _formats
+from adamx._formats import Int4Blocks, Int4Rank1, Int8Blocks, Quantized
 
-def _dynamic_code(signed):
-    """The 256 values of the dynamic tree code, sorted ascending, as float32.
-
-    After the sign bit (signed code only), a run of ``e`` zero bits sets the decade ``10**-e``,
-    a one bit ends the run, and the ``f`` bits left pick the centre of one of ``2**f`` equal bins
-    of ``[0.1, 1]``. The one pattern left over (a negative zero, or the smallest decade of the
-    unsigned code) stands for 1.0, so each block's largest element is stored exactly. This is the
-    table of bitsandbytes' ``create_dynamic_map``.
-    """
-    magnitudes = []
-    for decade in range(7):
-        # signed: 2**decade bins per decade (one bit went to the sign); unsigned: twice as many
-        bins = 2 ** decade if signed else 2 ** (decade + 1)
-        edges = np.linspace(0.1, 1.0, bins + 1)
-        magnitudes.append(10.0 ** (decade - 6) * (edges[:-1] + edges[1:]) / 2)
-    magnitudes = np.concatenate(magnitudes)
-    values = np.concatenate([magnitudes, -magnitudes] if signed else [magnitudes])
-    values = np.sort(np.concatenate([values, [0.0, 1.0]]))
-    assert values.size == 256 and np.unique(values).size == 256
-    return values.astype(np.float32)
-
-
-SIGNED_CODE = _dynamic_code(signed=True)
-"""The signed dynamic tree code (256 float32 values in [-0.993, 1], sorted), for the first moment."""
-
-UNSIGNED_CODE = _dynamic_code(signed=False)
-"""The unsigned dynamic tree code (256 float32 values in [0, 1], sorted), for the second moment."""
-
-# Nearest code, ties down: the index is the number of midpoints below x (as np.searchsorted).
-_SIGNED_MIDPOINTS = (SIGNED_CODE[:-1] + SIGNED_CODE[1:]) / 2
-_UNSIGNED_MIDPOINTS = (UNSIGNED_CODE[:-1] + UNSIGNED_CODE[1:]) / 2
-# A binary search is ~100x slower than the rest of the step on CPU, so encoding reads a table
-# instead: the float32 exponent and top _CELL_BITS mantissa bits of |x| pick a cell of [0, 1] that
-# holds at most one midpoint; the table gives the code at the cell's lower end and one comparison
-# with the next midpoint finishes the search. |x| below 2**-_CELL_BINADES (all codes 0) shares cell 0.
-_CELL_BITS = 8
-_CELL_BINADES = 25
-
-
-def _cell_tables(midpoints):
-    """Per-cell starting codes for x > 0 and x < 0, and midpoints padded with +inf."""
-    first = (127 - _CELL_BINADES) << 23
-    bits = first + (np.arange((_CELL_BINADES << _CELL_BITS) + 2, dtype=np.int64) << (23 - _CELL_BITS))
-    edges = bits.astype(np.uint32).view(np.float32)
-    low, high = edges[:-1].copy(), edges[1:]
-    low[0] = 0.0
-    assert np.all(np.searchsorted(midpoints, high, "left") - np.searchsorted(midpoints, low, "left") <= 1)
-    assert np.all(np.searchsorted(midpoints, -low, "right") - np.searchsorted(midpoints, -high, "right") <= 1)
-    positive = np.searchsorted(midpoints, low, "left").astype(np.uint8)
-    negative = np.searchsorted(midpoints, -high, "right").astype(np.uint8)
-    return positive, negative, np.append(midpoints, np.float32(np.inf))
-
-
-_SIGNED_CELLS = _cell_tables(_SIGNED_MIDPOINTS)
-_UNSIGNED_CELLS = _cell_tables(_UNSIGNED_MIDPOINTS)
-
-
-def _lookup(table, index):
-    """``table[index]`` for a constant table; the result is sharded like ``index``.
-
-    Plain indexing cannot place the result when ``index`` is explicitly sharded (a mesh with
-    ``AxisType.Explicit``, the default of ``jax.make_mesh``), so the sharding is given.
-    """
-    return jnp.asarray(table).at[index].get(out_sharding=jax.typeof(index).sharding)
-
-
-def _encode(scaled, signed):
-    """Index of the nearest code (ties down; positive never to 0 if unsigned) for values in [-1, 1]."""
-    positive, negative, midpoints = _SIGNED_CELLS if signed else _UNSIGNED_CELLS
-    if not signed:
-        scaled = jnp.maximum(scaled, 0.0)
-    bits = jax.lax.bitcast_convert_type(jnp.abs(scaled), jnp.uint32) >> (23 - _CELL_BITS)
-    cell = jnp.clip(bits.astype(jnp.int32) - ((127 - _CELL_BINADES) << _CELL_BITS), 0, positive.size - 1)
-    start = _lookup(positive, cell)
-    if signed:
-        start = jnp.where(scaled < 0, _lookup(negative, cell), start)
-    codes = start + (scaled > _lookup(midpoints, start)).astype(jnp.uint8)
-    if not signed:
-        # no zero point: code 0 is 0.0 and code 1 the smallest positive value
-        codes = jnp.maximum(codes, (scaled > 0).astype(jnp.uint8))
-    return codes
-
-
-# The code of 0.0 in each table: what a zero moment and an underflowed block hold.
-_ZERO_CODE = {True: int(np.flatnonzero(SIGNED_CODE == 0)[0]), False: 0}
-# Below the smallest normal float32 a block is stored as zero: x / absmax would be inf or NaN.
-_TINY = np.finfo(np.float32).tiny
-
-
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
-class Quantized:
-    """A block-wise 8-bit array: one immutable pytree node, kept as one leaf of a moment tree.
-
-    Attributes:
-      codes: uint8 indices into the code table, with the shape of the array they encode.
-      absmax: float32 scale of each block, shape ``(ceil(codes.size / block_size),)``.
-      block_size: Elements per block (static).
-      signed: Whether the signed code is used (static).
-    """
-
-    codes: jax.Array
-    absmax: jax.Array
-    block_size: int = dataclasses.field(metadata=dict(static=True))
-    signed: bool = dataclasses.field(metadata=dict(static=True))
-
-    @property
-    def shape(self):
-        """The shape of the encoded array."""
-        return self.codes.shape
-
-    def replace(self, **changes) -> "Quantized":
-        """Returns a copy with the given fields replaced."""
-        return dataclasses.replace(self, **changes)
+__all__ = [
+    "Int4Blocks", "Int4Rank1", "Int4Spec", "Int8Blocks", "Int8Spec", "dequantize", "dequantize_state",
+    "int4_moments", "int8_moments", "quantize",
+]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -158,15 +63,34 @@ class Int8Spec:
     min_size: int = 4096
 
 
-def int8_moments(block_size=256, min_size=4096):
-    """A storage spec for block-wise dynamic 8-bit moments, accepted as ``mu_dtype``/``nu_dtype``.
+@dataclasses.dataclass(frozen=True)
+class Int4Spec:
+    """How to keep a moment in 4 bits; pass as ``mu_dtype`` / ``nu_dtype``. See :func:`int4_moments`."""
 
-    The string ``"int8"`` means ``int8_moments()``. Leaves with fewer than ``min_size`` elements
-    are kept in float32, where 8 bits would save little and cost accuracy.
+    block_size: int = 128
+    min_size: int = 4096
+
+
+def _check_sizes(fn, block_size, min_size):
+    def integer(x):
+        return not isinstance(x, (bool, np.bool_)) and isinstance(x, (int, np.integer))
+
+    if not (integer(block_size) and 2 <= block_size <= 2**30 and block_size & (block_size - 1) == 0):
+        raise ValueError(f"{fn}: block_size must be a power of two in [2, 2**30], got {block_size!r}")
+    if not (integer(min_size) and 0 <= min_size < 2**63):
+        raise ValueError(f"{fn}: min_size must be an integer in [0, 2**63), got {min_size!r}")
+    return int(block_size), int(min_size)
+
+
+def int8_moments(block_size: int = 256, min_size: int = 4096) -> Int8Spec:
+    """A storage spec for block-wise 8-bit moments, accepted as ``mu_dtype``/``nu_dtype``.
+
+    The string ``"int8"`` means ``int8_moments()``. A moment takes :class:`Int8Blocks`, 1.016
+    bytes per element; leaves with fewer than ``min_size`` elements stay float32.
 
     Args:
-      block_size: Elements per block sharing one float32 scale (a positive integer).
-      min_size: Leaves smaller than this stay float32 (a non-negative integer).
+      block_size: Elements per block sharing one float32 scale: a power of two in [2, 2**30].
+      min_size: Leaves smaller than this stay float32: an integer in [0, 2**63).
 
     Returns:
       An :class:`Int8Spec`.
@@ -176,139 +100,227 @@ def int8_moments(block_size=256, min_size=4096):
 
     Example:
       >>> import adamx
-      >>> spec = adamx.int8_moments(block_size=128)
-      >>> spec.block_size, spec.min_size
-      (128, 4096)
+      >>> adamx.int8_moments(block_size=128)
+      Int8Spec(block_size=128, min_size=4096)
     """
-    if isinstance(block_size, bool) or not isinstance(block_size, (int, np.integer)) or block_size < 1:
-        raise ValueError(f"adamx.int8_moments: block_size must be a positive integer, got {block_size!r}")
-    if isinstance(min_size, bool) or not isinstance(min_size, (int, np.integer)) or min_size < 0:
-        raise ValueError(f"adamx.int8_moments: min_size must be a non-negative integer, got {min_size!r}")
-    return Int8Spec(block_size=int(block_size), min_size=int(min_size))
+    return Int8Spec(*_check_sizes("adamx.int8_moments", block_size, min_size))
 
 
-def num_blocks(size, block_size):
-    """Number of blocks for ``size`` elements (the last block may be short)."""
-    return -(-size // block_size)
+def int4_moments(block_size: int = 128, min_size: int = 4096) -> Int4Spec:
+    """A storage spec for 4-bit moments (Li et al. 2023), accepted as ``mu_dtype``/``nu_dtype``.
 
-
-def _blocks(flat, block_size):
-    """Pads a flat array with zeros to whole blocks and reshapes it to ``(blocks, block_size)``."""
-    pad = num_blocks(flat.size, block_size) * block_size - flat.size
-    if pad:
-        flat = jnp.pad(flat, (0, pad))
-    return flat.reshape(-1, block_size)
-
-
-@functools.partial(jax.jit, static_argnames=("block_size", "signed"))
-def quantize(x, *, block_size=256, signed=True):
-    """Encodes ``x`` block-wise in 8 bits with the dynamic tree code.
+    The string ``"int4"`` means ``int4_moments()``. A first moment takes :class:`Int4Blocks`
+    (0.531 bytes per element for blocks of 128), or :class:`Int8Blocks` if its last dimension is
+    odd. A second moment takes :class:`Int4Rank1` (0.5 bytes per element and a float32 per row and
+    column) if the leaf has rows and columns of at least 2 and no more than 1/32 of its size
+    together, else :class:`Int8Blocks` (1-D leaves: a 4-bit linear code per block cost 5% of
+    held-out loss on a regression). Leaves with fewer than ``min_size`` elements stay float32.
 
     Args:
-      x: A real float array (any shape). Computed in float32; float64 is rounded to float32 first.
-      block_size: Elements per block sharing one float32 scale.
-      signed: Use the signed code (for values of either sign) or the unsigned one (for ``x >= 0``;
-        negative values are stored as 0, positive ones never are).
+      block_size: Elements per block of a first moment: a power of two in [2, 2**30].
+      min_size: Leaves smaller than this stay float32: an integer in [0, 2**63).
 
     Returns:
-      A :class:`Quantized` with ``codes.shape == x.shape``.
+      An :class:`Int4Spec`.
+
+    Raises:
+      ValueError: If ``block_size`` or ``min_size`` is out of range.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, adamx
+      >>> state = adamx.init({"w": jnp.zeros((256, 512))}, mu_dtype="int4", nu_dtype="int4")
+      >>> type(state.mu["w"]).__name__, state.mu["w"].codes.shape
+      ('Int4Blocks', (256, 256))
+      >>> type(state.nu["w"]).__name__, state.nu["w"].row_max.shape, state.nu["w"].col_max.shape
+      ('Int4Rank1', (256,), (512,))
+    """
+    return Int4Spec(*_check_sizes("adamx.int4_moments", block_size, min_size))
+
+
+# ---- zeros, following the param's sharding ---------------------------------------------------
+
+def _like(param, shape, dtype, entries):
+    """Zeros of ``shape`` placed as ``lax.full_like`` places ``param``'s zeros, with the param's
+    partition spec mapped by ``entries`` (a function of the padded spec)."""
+    if isinstance(param, jax.core.Tracer):
+        sharding = jax.typeof(param).sharding
+    else:
+        sharding = getattr(param, "sharding", None)
+        if getattr(param, "_committed", True) is False:
+            sharding = None
+    if isinstance(sharding, NamedSharding):
+        spec = list(sharding.spec) + [None] * (len(np.shape(param)) - len(sharding.spec))
+        spec = [e if e is None or shape[d] % _axis_size(sharding.mesh, e) == 0 else None
+                for d, e in enumerate(entries(spec))]
+        sharding = NamedSharding(sharding.mesh, PartitionSpec(*spec))
+    else:
+        sharding = None
+    return jax.lax.full(shape, 0, dtype, sharding=sharding)
+
+
+def _axis_size(mesh, entry):
+    names = entry if isinstance(entry, tuple) else (entry,)
+    return math.prod(mesh.shape[name] for name in names)
+
+
+def zeros(param: Any, spec: Union[Int8Spec, Int4Spec], *, signed: bool) -> Any:
+    """A zero moment for ``param`` under ``spec``: a quantized moment, or a float32 array below
+    ``spec.min_size``. Codes (and row maxima) follow the param's sharding where they divide."""
+    shape = tuple(np.shape(param))
+    size = math.prod(shape)
+    if size == 0 or size < spec.min_size:
+        return jnp.zeros_like(param, dtype=jnp.float32)
+    cls, block = _formats.layout(shape, four=isinstance(spec, Int4Spec), signed=signed,
+                                 block_size=spec.block_size)
+    codes_dtype = jnp.int8 if signed else jnp.uint8
+    if cls is Int4Rank1:
+        packed = shape[:-1] + ((shape[-1] + 1) // 2,)
+        return Int4Rank1(_like(param, packed, jnp.uint8, lambda s: s),
+                         _like(param, shape[:-1], jnp.float32, lambda s: s[:-1]),
+                         jnp.zeros(shape[-1:], jnp.float32))
+    absmax = jnp.zeros((-(-size // block),), jnp.float32)
+    if cls is Int4Blocks:
+        return Int4Blocks(_like(param, shape[:-1] + (shape[-1] // 2,), codes_dtype, lambda s: s),
+                          absmax)
+    return Int8Blocks(jnp.zeros_like(param, dtype=codes_dtype), absmax)
+
+
+# ---- public encode / decode ------------------------------------------------------------------
+
+def quantize(x: jax.typing.ArrayLike, spec: Union[str, Int8Spec, Int4Spec] = "int8", *,
+             signed: bool = True, random_bits: Optional[jax.Array] = None) -> Quantized:
+    """Encodes ``x`` as a quantized moment would store it (whatever its size: no ``min_size``).
+
+    Args:
+      x: A real float array; encoded in float32.
+      spec: ``"int8"``, ``"int4"``, or a spec from :func:`int8_moments` / :func:`int4_moments`.
+      signed: A first moment's signed code, or a second moment's unsigned one (for ``x >= 0``;
+        negative values are stored as 0, positive ones never are).
+      random_bits: uint32 random bits of ``x``'s shape to round stochastically (as training does),
+        or None to round to nearest.
+
+    Returns:
+      An :class:`Int8Blocks`, :class:`Int4Blocks` or :class:`Int4Rank1`, as :func:`int4_moments`
+      describes.
+
+    Raises:
+      ValueError: For an unknown spec, or an empty or 0-d ``x``.
+      TypeError: If ``x`` is not a real float array.
 
     Example:
       >>> import jax.numpy as jnp, adamx
-      >>> q = adamx.quantize(jnp.array([0.5, -1.0, 0.0, 2.0]), block_size=2)
-      >>> q.absmax
-      Array([1., 2.], dtype=float32)
+      >>> q = adamx.quantize(jnp.array([0.5, -1.0, 0.0, 2.0]))
+      >>> q.codes, q.absmax
+      (Array([ 111, -119,    0,  127], dtype=int8), Array([2.], dtype=float32))
       >>> adamx.dequantize(q)
-      Array([ 0.50078124, -0.99296874,  0.        ,  2.        ], dtype=float32)
+      Array([ 0.5, -1. ,  0. ,  2. ], dtype=float32)
     """
+    if isinstance(spec, str) and spec in ("int8", "int4"):
+        spec = int8_moments() if spec == "int8" else int4_moments()
+    if not isinstance(spec, (Int8Spec, Int4Spec)):
+        raise ValueError(f'adamx.quantize: spec must be "int8", "int4", an Int8Spec or an Int4Spec, '
+                         f"got {spec!r}")
     x = jnp.asarray(x)
     if not jnp.issubdtype(x.dtype, jnp.floating):
         raise TypeError(f"adamx.quantize: x must be a real float array, got dtype {x.dtype}")
-    encode = functools.partial(_encode_blocks, block_size=block_size, signed=signed)
-    spec = _explicit_spec(x)
-    if spec is not None:
-        encode = jax.sharding.auto_axes(encode, out_sharding=(spec, jax.P()))
-    codes, absmax = encode(x)
-    return Quantized(codes=codes, absmax=absmax, block_size=block_size, signed=signed)
+    if x.ndim == 0 or x.size == 0:
+        raise ValueError(f"adamx.quantize: x must have at least one dimension and one element, "
+                         f"got shape {x.shape}")
+    like = jax.eval_shape(lambda: zeros(jax.ShapeDtypeStruct(x.shape, jnp.float32),
+                                        dataclasses.replace(spec, min_size=0), signed=signed))
+    return _encode(x, like, random_bits)
 
 
-def _encode_blocks(x, *, block_size, signed):
-    blocks = _blocks(x.astype(jnp.float32).reshape(-1), block_size)
-    absmax = jnp.max(jnp.abs(blocks), axis=1)
-    # tested per element: a max reduction may drop NaN on some backends (XLA CPU does)
-    finite = jnp.all(jnp.isfinite(blocks), axis=1)
-    live = finite & (absmax >= _TINY)
-    scaled = blocks / jnp.where(live, absmax, 1.0)[:, None]
-    codes = _encode(scaled, signed)
-    # a block too small for float32 is stored as exact zeros; a non-finite block as NaN scale
-    codes = jnp.where(live[:, None], codes, jnp.uint8(_ZERO_CODE[signed]))
-    absmax = jnp.where(live, absmax, jnp.where(finite, 0.0, jnp.nan)).astype(jnp.float32)
-    return codes.reshape(-1)[: x.size].reshape(x.shape), absmax
-
-
-def _explicit_spec(x):
-    """The PartitionSpec of ``x`` if it is sharded over explicit mesh axes, else None.
-
-    Explicit sharding has no rule for regrouping a sharded array into blocks, so such arrays are
-    encoded and decoded under ``jax.sharding.auto_axes``, where the compiler places the blocks.
-    """
-    sharding = jax.typeof(x).sharding
-    mesh = sharding.mesh
-    explicit = {name for name, kind in zip(mesh.axis_names, mesh.axis_types)
-                if kind == jax.sharding.AxisType.Explicit}
-    used = {axis for entry in sharding.spec if entry is not None
-            for axis in (entry if isinstance(entry, tuple) else (entry,))}
-    return sharding.spec if used & explicit else None
-
-
-@functools.partial(jax.jit, static_argnames=("dtype",))
-def dequantize(q, dtype=jnp.float32):
-    """Decodes a :class:`Quantized` array.
+def dequantize(q: Quantized, dtype: Any = jnp.float32) -> jax.Array:
+    """Decodes a quantized moment.
 
     Args:
-      q: The encoded array.
-      dtype: The dtype of the result (the decode itself runs in float32).
+      q: An :class:`Int8Blocks`, :class:`Int4Blocks` or :class:`Int4Rank1`.
+      dtype: The dtype of the result (the decoding runs in float32).
 
     Returns:
-      An array of shape ``q.shape`` and dtype ``dtype``.
+      The array ``q`` stands for: its shape is read from ``q``'s arrays.
+
+    Raises:
+      TypeError: If ``q`` is not a quantized moment.
 
     Example:
       >>> import jax.numpy as jnp, adamx
-      >>> q = adamx.quantize(jnp.array([0.0, 0.25, 1.0]), signed=False)
-      >>> adamx.dequantize(q)
-      Array([0.       , 0.2511719, 1.       ], dtype=float32)
+      >>> v = jnp.outer(jnp.arange(1.0, 65.0), jnp.ones(128))  # 64 rows of 128: 1, 2, .., 64
+      >>> q = adamx.quantize(v, "int4", signed=False)
+      >>> type(q).__name__, q.codes.shape, q.row_max.shape, q.col_max.shape
+      ('Int4Rank1', (64, 64), (64,), (128,))
+      >>> adamx.dequantize(q)[:3, :2]
+      Array([[1., 1.],
+             [2., 2.],
+             [3., 3.]], dtype=float32)
     """
-    decode = functools.partial(_decode_blocks, block_size=q.block_size, signed=q.signed)
-    spec = _explicit_spec(q.codes)
-    if spec is not None:
-        decode = jax.sharding.auto_axes(decode, out_sharding=spec)
-    return decode(q.codes, q.absmax).astype(dtype)
+    if not _formats.is_quantized(q):
+        raise TypeError(f"adamx.dequantize: q must be an Int8Blocks, Int4Blocks or Int4Rank1, got "
+                        f"{type(q).__name__}")
+    return _decode(q, dtype)
 
 
-def _decode_blocks(codes, absmax, *, block_size, signed):
-    table = SIGNED_CODE if signed else UNSIGNED_CODE
-    values = _blocks(_lookup(table, codes.reshape(-1)), block_size) * absmax[:, None]
-    return values.reshape(-1)[: codes.size].reshape(codes.shape)
+_encode = jax.jit(_formats.encode, static_argnums=1)
+_decode = jax.jit(_formats.decode, static_argnums=1)
 
 
-def zeros(param, spec, *, signed):
-    """A zero moment for ``param`` under an :class:`Int8Spec`.
+def dequantize_state(state: Any) -> Any:
+    """The same state with every quantized moment decoded to float32; other leaves unchanged.
+
+    Tree utilities such as ``optax.tree.norm`` read a quantized moment's raw codes and scales
+    (the norm of a fresh 8-bit state is not 0); apply them to ``dequantize_state(state)``.
 
     Args:
-      param: An array or ``jax.ShapeDtypeStruct`` (real; the caller rejects complex first moments).
-      spec: The :class:`Int8Spec`.
-      signed: Whether the moment takes both signs (the first moment) or not (the second).
+      state: An :class:`adamx.AdamState`, or any pytree holding one (an optax chain's state).
 
     Returns:
-      A float32 zero array if ``param`` has fewer than ``spec.min_size`` elements, else a
-      :class:`Quantized` zero whose codes follow the param's sharding.
+      A pytree of the same structure, except that each quantized moment is now one float32 array.
+
+    Example:
+      >>> import jax.numpy as jnp, optax, adamx
+      >>> state = adamx.init({"w": jnp.zeros((64, 128))}, mu_dtype="int8", nu_dtype="int8")
+      >>> float(optax.tree.norm(adamx.dequantize_state(state)))
+      0.0
+      >>> adamx.dequantize_state(state).mu["w"].dtype
+      dtype('float32')
     """
-    size = int(np.prod(param.shape))
-    if size < spec.min_size:
-        return jnp.zeros_like(param, dtype=jnp.float32)
-    return Quantized(
-        codes=jnp.full_like(param, _ZERO_CODE[signed], dtype=jnp.uint8),
-        absmax=jnp.zeros((num_blocks(size, spec.block_size),), jnp.float32),
-        block_size=spec.block_size,
-        signed=signed,
-    )
+    return jax.tree.map(lambda x: _formats.decode(x) if _formats.is_quantized(x) else x, state,
+                        is_leaf=_formats.is_quantized)
+
+
+def check(fn: str, where: str, moment: Quantized, shape: tuple) -> None:
+    """Raises ValueError (naming ``where``) if a quantized moment cannot stand for a leaf of
+    ``shape``: an array that is missing or of another dtype or shape than the format needs."""
+    shape = tuple(shape)
+    name = type(moment).__name__
+    for field in moment._fields:
+        a = getattr(moment, field)
+        if not (hasattr(a, "shape") and hasattr(a, "dtype")):
+            raise ValueError(f"{fn}: {where}.{field} must be an array, got {type(a).__name__}")
+    codes = {Int8Blocks: ("int8", "uint8"), Int4Blocks: ("int8",), Int4Rank1: ("uint8",)}
+    for field in moment._fields:
+        dtype = str(jnp.dtype(getattr(moment, field).dtype))
+        allowed = codes[type(moment)] if field == "codes" else ("float32",)
+        if dtype not in allowed:
+            raise ValueError(f"{fn}: {where}.{field} of an {name} must be {' or '.join(allowed)}, "
+                             f"got {dtype}")
+    if not shape or (isinstance(moment, Int4Blocks) and shape[-1] % 2):
+        raise ValueError(f"{fn}: {where} is an {name}, which cannot hold a grads' leaf of shape "
+                         f"{shape}" + (" (its last dimension must be even)" if shape else ""))
+    if isinstance(moment, Int4Rank1):
+        want = {"codes": shape[:-1] + ((shape[-1] + 1) // 2,), "row_max": shape[:-1],
+                "col_max": shape[-1:]}
+    else:
+        want = {"codes": shape if isinstance(moment, Int8Blocks) else shape[:-1] + (shape[-1] // 2,)}
+    for field, expected in want.items():
+        got = tuple(getattr(moment, field).shape)
+        if got != expected:
+            raise ValueError(f"{fn}: {where}.{field} has shape {got}, but a grads' leaf of shape "
+                             f"{shape} needs {expected}")
+    if not isinstance(moment, Int4Rank1):
+        size = math.prod(shape)
+        blocks = moment.absmax.shape[0] if len(moment.absmax.shape) == 1 else 0
+        if blocks < 1 or -(-size // _formats.block_length(size, blocks)) != blocks:
+            raise ValueError(f"{fn}: {where}.absmax has shape {tuple(moment.absmax.shape)}, which "
+                             f"is no number of power-of-two blocks of a grads' leaf of shape {shape}")

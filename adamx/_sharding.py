@@ -14,7 +14,7 @@ from typing import Any
 import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from adamx._quantize import Quantized
+from adamx._formats import Int4Rank1, block_length, is_quantized, leaf_shape
 
 __all__ = ["host_offload_shardings", "zero1_shardings"]
 
@@ -46,20 +46,30 @@ def _zero1_spec(leaf: Any, mesh: Mesh, axis: str) -> PartitionSpec:
     return PartitionSpec(*spec)
 
 
-def _quantized_shardings(moment: Quantized, mesh: Mesh, axis: str) -> Quantized:
-    """Split codes on their leading dimension and absmax with them, or keep both as they are."""
-    codes, absmax = _base_spec(moment.codes, mesh), _base_spec(moment.absmax, mesh)
-    shape, n = moment.codes.shape, mesh.shape[axis]
-    # Each device's codes must be whole blocks, so decoding needs none of its neighbours' data.
-    if not any(codes) and not any(absmax) and shape and shape[0] % n == 0 and \
-            (math.prod(shape) // n) % moment.block_size == 0 and moment.absmax.shape[0] % n == 0:
-        codes[0], absmax[0] = axis, axis
-    return moment.replace(codes=NamedSharding(mesh, PartitionSpec(*codes)),
-                          absmax=NamedSharding(mesh, PartitionSpec(*absmax)))
+def _quantized_shardings(moment: Any, mesh: Mesh, axis: str) -> Any:
+    """ZeRO-1 for a quantized moment: all its arrays split along their leading dimension together,
+    or none of them.
+
+    Blocks (``Int8Blocks``, ``Int4Blocks``): codes and ``absmax`` split when each device then holds
+    whole blocks, so decoding needs none of its neighbours' data. Rank-1 (``Int4Rank1``): codes and
+    ``row_max`` split by rows, ``col_max`` stays whole on every device; decoding is local, and
+    encoding takes each column's maximum over all rows, one all-reduce of a ``col_max``-sized vector.
+    """
+    specs = {field: _base_spec(getattr(moment, field), mesh) for field in moment._fields}
+    codes, n = moment.codes.shape, mesh.shape[axis]
+    if any(any(spec) for spec in specs.values()) or not codes or codes[0] % n:
+        pass  # already sharded (kept as is), or rows that N does not divide
+    elif isinstance(moment, Int4Rank1):
+        specs["codes"][0] = specs["row_max"][0] = axis
+    else:
+        size, blocks = math.prod(leaf_shape(moment)), moment.absmax.shape[0]
+        if (size // n) % block_length(size, blocks) == 0 and blocks % n == 0:
+            specs["codes"][0] = specs["absmax"][0] = axis
+    return type(moment)(*(NamedSharding(mesh, PartitionSpec(*specs[f])) for f in moment._fields))
 
 
 def _leaf_shardings(leaf: Any, mesh: Mesh, axis: str) -> Any:
-    if isinstance(leaf, Quantized):
+    if is_quantized(leaf):
         return _quantized_shardings(leaf, mesh, axis)
     return NamedSharding(mesh, _zero1_spec(leaf, mesh, axis))
 
@@ -80,11 +90,14 @@ def zero1_shardings(state: Any, mesh: Mesh, axis: str = "data") -> Any:
     4. An array with no such dimension (scalars such as ``count``, shapes N does not divide)
        stays replicated over ``axis``: it is kept whole on every device.
 
-    An 8-bit moment (a :class:`Quantized` leaf: ``codes`` with the param's shape, a flat
-    ``absmax`` per block) is split as one unit, so decoding it needs no communication: its codes
-    along their leading dimension and its ``absmax`` with them, when neither is sharded yet and
-    both divide into N parts of whole blocks; otherwise both keep the specs they have (whole on
-    every device unless already sharded).
+    A quantized moment is split as one unit, along the leading dimension of its arrays, when none
+    of them is sharded yet; otherwise all keep the specs they have (whole on every device unless
+    already sharded). Block-wise (:class:`Int8Blocks`, :class:`Int4Blocks`: codes shaped like the
+    param, the last axis halved for 4 bits, and a flat ``absmax`` per block): codes and ``absmax``
+    split only into N parts of whole blocks, so decoding needs no communication. Rank-1
+    (:class:`Int4Rank1`): codes and ``row_max`` split by rows when N divides the rows, ``col_max``
+    stays whole; decoding is local, and each step's new ``col_max`` (a maximum over all rows) is
+    one all-reduce of that small vector, which XLA inserts.
 
     Args:
       state: An optimizer state, concrete (``adamx.init(params)``) or abstract
@@ -114,7 +127,7 @@ def zero1_shardings(state: Any, mesh: Mesh, axis: str = "data") -> Any:
             f"got {axis!r}"
         )
     return jax.tree.map(lambda leaf: _leaf_shardings(leaf, mesh, axis), state,
-                        is_leaf=lambda x: isinstance(x, Quantized))
+                        is_leaf=is_quantized)
 
 
 # ---- Host offload ---------------------------------------------------------------------------------

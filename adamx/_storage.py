@@ -1,9 +1,10 @@
 """How a moment leaf is stored: the one place that knows the storage formats.
 
-A moment leaf is an array in its storage dtype; or, for the spec ``"int8"``
-(:func:`adamx.int8_moments`), a block-wise 8-bit :class:`adamx.Quantized` node (signed code for the
-first moment, unsigned for the second), or a float32 array for leaves below the spec's
-``min_size``; or None for a param that is not trained (an integer or boolean leaf). The update
+A moment leaf is an array in its storage dtype; or, for the specs ``"int8"`` and ``"int4"``
+(:func:`adamx.int8_moments`, :func:`adamx.int4_moments`), a quantized node (:class:`adamx.Int8Blocks`,
+:class:`adamx.Int4Blocks` or :class:`adamx.Int4Rank1`: a signed code for the first moment, an
+unsigned one for the second), or a float32 array for leaves below the spec's ``min_size``; or None
+for a param that is not trained (an integer or boolean leaf). The update
 decodes a moment with :func:`load` into the compute dtype, does the math, and encodes the result
 with :func:`store`, so the math never sees the storage format and the state's dtypes never change
 across steps.
@@ -13,12 +14,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from adamx import _quantize
-from adamx._numerics import complex_dtype, compute_dtype
+from adamx import _formats, _quantize
+from adamx._numerics import complex_dtype, compute_dtype, random_bits
 
 _ACCEPTED = {
-    "mu_dtype": 'None, float16, bfloat16, float32, float64, complex64, complex128 or "int8"',
-    "nu_dtype": 'None, float16, bfloat16, float32, float64 or "int8"',
+    "mu_dtype": 'None, float16, bfloat16, float32, float64, complex64, complex128, "int8" or "int4"',
+    "nu_dtype": 'None, float16, bfloat16, float32, float64, "int8" or "int4"',
 }
 
 
@@ -26,17 +27,18 @@ def check_spec(fn, name, spec):
     """Validates a moment storage spec (``name`` is "mu_dtype" or "nu_dtype"); returns it canonical.
 
     Accepted: None, a float dtype of at least 16 bits (the first moment may also be complex),
-    the string ``"int8"`` (canonicalized to ``adamx.int8_moments()``) or an
-    :class:`adamx.Int8Spec`. 8-bit float dtypes are refused: without a per-block scale they
-    underflow and stall (use ``"int8"``, which keeps one).
+    the strings ``"int8"`` and ``"int4"`` (canonicalized to ``adamx.int8_moments()`` and
+    ``adamx.int4_moments()``) or an :class:`adamx.Int8Spec` / :class:`adamx.Int4Spec`. 8-bit float
+    dtypes are refused: without a per-block scale they underflow and stall (use ``"int8"``, which
+    keeps one).
 
     Raises:
       ValueError: If ``spec`` is none of these.
     """
-    if spec is None or isinstance(spec, _quantize.Int8Spec):
+    if spec is None or isinstance(spec, (_quantize.Int8Spec, _quantize.Int4Spec)):
         return spec
-    if isinstance(spec, str) and spec == "int8":
-        return _quantize.int8_moments()
+    if isinstance(spec, str) and spec in ("int8", "int4"):
+        return _quantize.int8_moments() if spec == "int8" else _quantize.int4_moments()
     try:
         dtype = jnp.dtype(spec)
     except TypeError:
@@ -63,21 +65,22 @@ def zeros(param, spec, *, real):
       spec: A canonical spec from :func:`check_spec`; None keeps the param's dtype (float32 for
         the second moment of a float16 or bfloat16 param).
       real: Whether the moment is real even for a complex param (the second moment is). Under
-        an int8 spec it also picks the unsigned code (the second moment is never negative).
+        an int8 or int4 spec it also picks the unsigned code (the second moment is never negative).
 
     Returns:
       The stored zero moment, or None for an integer or boolean param (not trained).
 
     Raises:
-      TypeError: For an int8 first moment of a complex param.
+      TypeError: For a quantized first moment of a complex param.
     """
     if not trained(param):
         return None
     param_dtype = jnp.result_type(param)
-    if isinstance(spec, _quantize.Int8Spec):
+    if isinstance(spec, (_quantize.Int8Spec, _quantize.Int4Spec)):
         if not real and jnp.issubdtype(param_dtype, jnp.complexfloating):
+            bits = 8 if isinstance(spec, _quantize.Int8Spec) else 4
             raise TypeError(
-                f'adamx: an int8 first moment needs real params, got a {param_dtype} leaf of '
+                f'adamx: an int{bits} first moment needs real params, got a {param_dtype} leaf of '
                 f"shape {tuple(np.shape(param))}; keep mu_dtype a float dtype for complex params"
             )
         return _quantize.zeros(param, spec, signed=not real)
@@ -98,17 +101,36 @@ def zeros(param, spec, *, real):
 def load(moment, dtype, shape):
     """Decodes a stored moment into ``dtype`` (a real one takes the real part) and ``shape``."""
     del shape  # every format here knows its own shape
-    if isinstance(moment, _quantize.Quantized):
-        return _quantize.dequantize(moment, dtype)
+    if _formats.is_quantized(moment):
+        return _formats.decode(moment, dtype)
     if jnp.iscomplexobj(moment) and not jnp.issubdtype(dtype, jnp.complexfloating):
         moment = moment.real
     return moment.astype(dtype)
 
 
-def store(value, moment):
-    """Encodes ``value`` in the storage format of ``moment``."""
-    if isinstance(moment, _quantize.Quantized):
-        return _quantize.quantize(value, block_size=moment.block_size, signed=moment.signed)
+# Random bits of quantized moments: streams disjoint from those of the params' rounding (the leaf's
+# index k), so that a param and its moments never round on the same draw.
+_MOMENT_STREAMS = 0x80000000
+
+
+def store(value, moment, rng=None):
+    """Encodes ``value`` in the storage format of ``moment``.
+
+    Args:
+      value: The moment's new value, in the compute dtype and the leaf's shape.
+      moment: The stored moment it replaces (its format is kept).
+      rng: ``(seed, count, stream)``: a quantized moment rounds stochastically on random bits of
+        (seed, count, stream, element), the same for a leaf's ``mu``, ``nu`` and ``nu_max`` (they
+        take different bits of each draw); None rounds to nearest, which stalls a slowly moving
+        second moment (see ``adamx/_codes.py``). Float moments ignore it.
+    """
+    if _formats.is_quantized(moment):
+        bits = None
+        if rng is not None:
+            seed, count, stream = rng
+            bits = random_bits(np.shape(value), seed=seed, count=count,
+                               stream=_MOMENT_STREAMS | stream, sharding=jax.typeof(value).sharding)
+        return _formats.encode(value, moment, bits)
     return value.astype(moment.dtype)
 
 
@@ -123,13 +145,12 @@ def check_leaf(fn, where, moment, grad):
             raise ValueError(f"{fn}: {where} must be None for an integer or float0 gradient (an "
                              f"untrained leaf keeps no moment), got {type(moment).__name__}")
         return
-    if isinstance(moment, _quantize.Quantized):
-        shape, ok = moment.shape, True
-    else:
-        dtype = getattr(moment, "dtype", None)
-        shape = getattr(moment, "shape", None)
-        ok = dtype is not None and jnp.issubdtype(dtype, jnp.inexact)
-    if not ok:
+    if _formats.is_quantized(moment):
+        _quantize.check(fn, where, moment, np.shape(grad))
+        return
+    dtype = getattr(moment, "dtype", None)
+    shape = getattr(moment, "shape", None)
+    if dtype is None or not jnp.issubdtype(dtype, jnp.inexact):
         raise ValueError(f"{fn}: {where} must be a float array for a float gradient, got "
                          f"{getattr(moment, 'dtype', type(moment).__name__)}")
     if tuple(shape) != tuple(np.shape(grad)):

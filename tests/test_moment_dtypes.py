@@ -1,4 +1,5 @@
-"""Low-precision moments: bfloat16 and int8 states train like float32 ones and cost what they say.
+"""Low-precision moments: bfloat16, int8 and int4 states train like float32 ones and cost what they
+say.
 
 The oracle for training is a float64 NumPy Adam (``tests/reference.py``) on a least-squares problem
 whose gradient is written in closed form here; the oracle for memory is the count of bytes each
@@ -21,7 +22,7 @@ LR = 5e-2
 
 
 def least_squares(seed=0):
-    """A noisy least-squares problem with an 8,192-element weight (32 int8 blocks)."""
+    """A noisy least-squares problem with an 8,192-element weight (32 int8 blocks, 64 int4 ones)."""
     rng = np.random.default_rng(seed)
     x = rng.normal(size=(256, 64))
     w_true = rng.normal(size=(64, 128))
@@ -62,17 +63,18 @@ def adamx_losses(x, y, w0, moment_dtype):
 
 
 @pytest.mark.parametrize("moment_dtype, transient_bound", [
-    (jnp.float32, 2e-4), (jnp.bfloat16, 0.01), ("int8", 0.1),
+    (jnp.float32, 2e-4), (jnp.bfloat16, 0.01), ("int8", 0.1), ("int4", 0.6),
 ])
 def test_low_precision_states_track_the_float64_oracle_on_least_squares(moment_dtype,
                                                                         transient_bound):
     x, y, w0 = least_squares()
     got, state = adamx_losses(x, y, w0, moment_dtype)
     want = reference_losses()
-    if moment_dtype == "int8":
-        assert isinstance(state.mu, adamx._quantize.Quantized)
-    # while the loss falls ~1000x the trajectories may drift apart a little (8-bit moments are
-    # ~0.5% coarse); once converged every state sits on the oracle's loss and at the optimum
+    if moment_dtype in ("int8", "int4"):
+        assert adamx._formats.is_quantized(state.mu) and adamx._formats.is_quantized(state.nu)
+    # while the loss falls ~1000x the trajectories may drift apart a little (8-bit codes are a few
+    # percent coarse, 4-bit ones more); once converged every state sits on the oracle's loss and
+    # at the optimum
     gap = np.abs(got - want) / want
     assert np.max(gap[9:]) < transient_bound
     assert np.max(gap[-50:]) < 1e-4
@@ -86,15 +88,18 @@ def state_bytes(state):
 
 @pytest.mark.parametrize("moment_dtype, per_param", [
     (None, 8.0), (jnp.float32, 8.0), (jnp.bfloat16, 4.0),
-    # one uint8 code per element and one float32 scale per 256 elements, for each moment
+    # one byte per element and one float32 scale per 256 elements, for each moment
     ("int8", 2 * (1 + 4 / 256)),
+    # first moment: half a byte per element and a float32 per 128; second: half a byte per element
+    # and a float32 per row and column (512 + 1024 for "a", 4096 + 64 for "b")
+    ("int4", (0.5 + 4 / 128) + 0.5 + 4 * (512 + 1024 + 4096 + 64) / (512 * 1024 + 4096 * 64)),
 ])
 def test_state_bytes_per_parameter(moment_dtype, per_param):
     params = {"a": jax.ShapeDtypeStruct((512, 1024), jnp.float32),
               "b": jax.ShapeDtypeStruct((4096, 64), jnp.float32)}
     state = jax.eval_shape(lambda: adamx.init(params, mu_dtype=moment_dtype, nu_dtype=moment_dtype))
     size = sum(math.prod(p.shape) for p in params.values())
-    assert state_bytes(state) == per_param * size + 4  # + the int32 count
+    assert state_bytes(state) == pytest.approx(per_param * size + 4, rel=1e-12)  # + int32 count
 
 
 def test_int8_leaves_below_min_size_cost_float32_bytes():
@@ -105,3 +110,16 @@ def test_int8_leaves_below_min_size_cost_float32_bytes():
     blocks = -(-5000 // 256)
     # three moments (mu, nu, nu_max): 8-bit codes plus scales for "big", float32 for "small"
     assert state_bytes(state) == 3 * (5000 + 4 * blocks) + 3 * 4 * 4095 + 4
+
+
+def test_int4_falls_back_to_8_bits_where_4_bits_do_not_fit():
+    params = {"odd": jax.ShapeDtypeStruct((64, 129), jnp.float32),     # odd last dimension
+              "flat": jax.ShapeDtypeStruct((8192,), jnp.float32),      # 1-D: no rows and columns
+              "thin": jax.ShapeDtypeStruct((2, 8192), jnp.float32)}    # rows + columns > size / 32
+    state = jax.eval_shape(lambda: adamx.init(params, mu_dtype="int4", nu_dtype="int4"))
+    blocks8 = lambda n, b: n + 4 * -(-n // b)  # noqa: E731
+    assert state_bytes(state.mu["odd"]) == blocks8(64 * 129, 128)
+    assert state_bytes(state.nu["odd"]) == 64 * 65 + 4 * (64 + 129)  # rank-1 pads the last axis
+    assert state_bytes(state.mu["flat"]) == 8192 // 2 + 4 * 8192 // 128
+    assert state_bytes(state.nu["flat"]) == blocks8(8192, 256)
+    assert state_bytes(state.nu["thin"]) == blocks8(2 * 8192, 256)

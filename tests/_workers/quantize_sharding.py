@@ -1,0 +1,113 @@
+"""Quantized moments on 8 simulated CPU devices; prints its observations as one JSON line.
+
+Started by tests/test_quantize_sharding.py with ``XLA_FLAGS=--xla_force_host_platform_device_count=8``.
+"""
+
+import json
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+
+import adamx
+from adamx import _formats
+
+STEPS = 4
+COLLECTIVES = ("all-gather", "all-reduce", "all-to-all", "collective-permute", "reduce-scatter")
+
+
+def problem():
+    rng = np.random.default_rng(0)
+    params = {"w": jnp.asarray(rng.normal(size=(64, 256)), jnp.float32),
+              "odd": jnp.asarray(rng.normal(size=(5000, 3)), jnp.float32),  # blocks straddle shards
+              "b": jnp.asarray(rng.normal(size=(256,)), jnp.float32)}
+    grads = [{k: jnp.asarray(rng.normal(size=v.shape) * 10.0 ** rng.uniform(-3, 0, v.shape),
+                             jnp.float32) for k, v in params.items()} for _ in range(STEPS)]
+    return params, grads
+
+
+def run(tx, params, grads, state_shardings=None):
+    init = jax.jit(tx.init, out_shardings=state_shardings)
+    step = jax.jit(tx.update, out_shardings=(None, state_shardings))
+    state = init(params)
+    for g in grads:
+        updates, state = step(g, state, params)
+    return updates, state
+
+
+def spec(x):
+    sharding = x.sharding if hasattr(x, "sharding") else x
+    return str(sharding.spec) if isinstance(sharding, NamedSharding) else type(sharding).__name__
+
+
+def collectives(text):
+    found = {}
+    for name in COLLECTIVES:
+        shapes = re.findall(rf"= (\w+\[[\d,]*\])\{{[^}}]*\}} {name}(?:-start)?\(", text)
+        if shapes:
+            found[name] = shapes
+    return found
+
+
+def equal(a, b):
+    return all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+def main():
+    out = {}
+    params, grads = problem()
+    mesh = jax.make_mesh((8,), ("data",), axis_types=(AxisType.Auto,))
+    for spec_name in ("int8", "int4"):
+        tx = adamx.adam(1e-2, mu_dtype=spec_name, nu_dtype=spec_name)
+        want = run(tx, params, grads)
+        with jax.set_mesh(mesh):
+            abstract = jax.eval_shape(tx.init, params)
+            shardings = adamx.zero1_shardings(abstract, mesh)
+            got = run(tx, params, grads, shardings)
+        found = {"zero1_specs": {jax.tree_util.keystr(k): spec(v) for k, v in
+                                 jax.tree_util.tree_flatten_with_path(shardings)[0]},
+                 "state_specs": {jax.tree_util.keystr(k): spec(v) for k, v in
+                                 jax.tree_util.tree_flatten_with_path(got[1])[0]},
+                 "zero1_equal": equal(got, want)}
+        # every array of each moment split alike, one eighth of its bytes per device
+        found["bytes_per_device"] = {
+            jax.tree_util.keystr(k): [int(s.data.nbytes) for s in v.addressable_shards]
+            for k, v in jax.tree_util.tree_flatten_with_path(got[1].nu)[0]}
+        # the state follows params sharded by rows (explicit axes: placed as the params are)
+        explicit = jax.make_mesh((8,), ("data",), axis_types=(AxisType.Explicit,))
+        with jax.set_mesh(explicit):
+            place = {k: NamedSharding(explicit, P("data") if k != "odd" else P())
+                     for k in params}
+            sharded = run(tx, jax.device_put(params, place),
+                          [jax.device_put(g, place) for g in grads])
+        found["follow_specs"] = {jax.tree_util.keystr(k): spec(v) for k, v in
+                                 jax.tree_util.tree_flatten_with_path(sharded[1])[0]}
+        found["follow_equal"] = equal(sharded, want)
+        out[spec_name] = found
+
+    # rank-1: decoding a row-split moment needs no communication; encoding takes one all-reduce
+    # (the columns' maxima over all rows) of the column count
+    like = jax.eval_shape(lambda: adamx.quantize(jnp.ones((64, 256)), "int4", signed=False))
+    rows = NamedSharding(mesh, P("data", None))
+    zero1 = adamx.zero1_shardings(like, mesh)
+    with jax.set_mesh(mesh):
+        encode = jax.jit(lambda v: _formats.encode(v, like), in_shardings=rows, out_shardings=zero1)
+        decode = jax.jit(_formats.decode, in_shardings=(zero1,), out_shardings=rows)
+        out["rank1_encode_collectives"] = collectives(
+            encode.lower(jax.ShapeDtypeStruct((64, 256), jnp.float32)).compile().as_text())
+        out["rank1_decode_collectives"] = collectives(decode.lower(like).compile().as_text())
+        blocks = jax.eval_shape(lambda: adamx.quantize(jnp.ones((64, 256)), "int8"))
+        zero1 = adamx.zero1_shardings(blocks, mesh)
+        decode = jax.jit(_formats.decode, in_shardings=(zero1,), out_shardings=rows)
+        encode = jax.jit(lambda v: _formats.encode(v, blocks), in_shardings=rows,
+                         out_shardings=zero1)
+        out["blocks_decode_collectives"] = collectives(decode.lower(blocks).compile().as_text())
+        out["blocks_encode_collectives"] = collectives(
+            encode.lower(jax.ShapeDtypeStruct((64, 256), jnp.float32)).compile().as_text())
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()
