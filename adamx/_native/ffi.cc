@@ -28,8 +28,8 @@ using ScalarBuffer = ffi::Buffer<ffi::F32, 1>;
 constexpr int64_t kMinParallel = int64_t{1} << 16;
 // Work items per thread, so a thread slowed by other load leaves its share to the others.
 constexpr int64_t kChunksPerThread = 4;
-// Chunks are whole multiples of this many elements (1 KiB of each buffer): threads never share
-// a cache line of a leaf that starts on one.
+// Chunks are whole multiples of this many elements (1 KiB of each buffer), so a step of one leaf
+// splits on cache-line boundaries and no two threads write to one line.
 constexpr int64_t kChunkAlign = 256;
 
 // The step over the leaves laid end to end: global element i lies in leaf k with
