@@ -41,6 +41,8 @@ def _why_not(rule, leaves):
     """Why the kernel cannot run this step, or None when it can."""
     if rule.amsgrad or rule.infinity_norm:
         return "AMSGrad and AdaMax are not in the kernel"
+    if rule.param_rounding != "nearest":
+        return f"param_rounding={rule.param_rounding!r} is not in the kernel (float32 leaves only)"
     if jax.default_backend() != "cpu":
         return f"the kernel is for CPU, and the default backend is {jax.default_backend()}"
     if jax.device_count() > 1:
@@ -68,7 +70,8 @@ def _fused_step(fn, grads, state, params, hp, rule, mask):
     live = [k for k, g in enumerate(g_leaves) if g.size]  # empty leaves have nothing to update
     new = [list(group[:1]) + list(group[2:]) for group in leaves]
     if live:
-        results = _native.step(_kernel_scalars(count, lr, hp, rule),
+        scalars = _kernel_scalars(count, lr, hp, rule)
+        results = _native.step({name: scalars[name] for name in _native.SCALARS},
                                [leaves[k] for k in live], [decay[k] for k in live],
                                maximize=rule.maximize, eps_hat=rule.eps_hat,
                                nesterov=rule.nesterov)
