@@ -179,6 +179,17 @@ def live_scale(peak_value):
     return jnp.where(jnp.isfinite(peak_value), finite, np.float32(np.nan))
 
 
+_BF16_MAX = np.float32(3.3895313892515355e38)  # the largest finite bfloat16
+
+
+def bfloat16_up(scale):
+    """A non-negative float32 scale rounded up to a bfloat16 value (returned in float32): at least
+    the scale, within one bfloat16 ulp (2**-7) of it, at most the largest bfloat16; NaN stays NaN."""
+    bits = lax.bitcast_convert_type(scale, jnp.uint32)
+    up = lax.bitcast_convert_type((bits + np.uint32(0xFFFF)) & np.uint32(0xFFFF0000), jnp.float32)
+    return jnp.where(jnp.isnan(scale), scale, jnp.minimum(up, _BF16_MAX))
+
+
 def reciprocal(scale):
     """``1 / scale`` for a positive scale, else 0 (the block's values are then stored as code 0).
 

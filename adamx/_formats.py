@@ -35,7 +35,8 @@ class Int4Blocks(NamedTuple):
 
     Attributes:
       codes: int8, shape ``leaf.shape[:-1] + (leaf.shape[-1] // 2,)``.
-      absmax: float32, each block's largest magnitude: shape ``(ceil(size / block_size),)``.
+      absmax: bfloat16, each block's largest magnitude rounded up to bfloat16 (so still at least
+        every magnitude in the block): shape ``(ceil(size / block_size),)``.
     """
 
     codes: jax.Array
@@ -125,12 +126,15 @@ def _encode_blocks(x, noise, *, blocks, four, signed):
     if not signed:
         values = jnp.minimum(values, _F32_MAX)  # an overflowed square saturates; NaN stays NaN
     absmax = _codes.live_scale(_codes.peak(values, axis=1))
+    if four:
+        absmax = _codes.bfloat16_up(absmax).astype(jnp.float32)
     scaled = values * _codes.reciprocal(absmax)[:, None]
     if noise is not None:
         noise = _to_blocks(noise.reshape(-1), length)
     if four:
         codes = _codes.pack(_codes.square_encode(scaled, noise=noise), signed=True)
-        return codes.reshape(-1)[: size // 2].reshape(x.shape[:-1] + (-1,)), absmax
+        return (codes.reshape(-1)[: size // 2].reshape(x.shape[:-1] + (-1,)),
+                absmax.astype(jnp.bfloat16))
     mantissa, top = _SIGNED8 if signed else _UNSIGNED8
     codes = _codes.log_encode(scaled, mantissa=mantissa, top=top, signed=signed, noise=noise,
                               positive=None if signed else values > 0)
@@ -147,7 +151,7 @@ def _decode_blocks(codes, absmax, *, shape, four):
         mantissa, top = _SIGNED8 if codes.dtype == jnp.int8 else _UNSIGNED8
         values = _codes.log_decode(_to_blocks(codes.reshape(-1), length), mantissa=mantissa,
                                    top=top)
-    return (values * absmax[:, None]).reshape(-1)[:size].reshape(shape)
+    return (values * absmax.astype(jnp.float32)[:, None]).reshape(-1)[:size].reshape(shape)
 
 
 def _encode_rank1(x, noise):

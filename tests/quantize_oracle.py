@@ -53,8 +53,15 @@ def round_to(y, table, u=None, no_zero=False):
     return out
 
 
-def roundtrip_blocks(x, block, table, u=None, no_zero=False):
-    """Block-wise: each block scaled by its largest magnitude (float32), rounded, scaled back.
+def bfloat16_up(x):
+    """A positive float32 rounded up to the next bfloat16 value (bfloat16 keeps the top 16 bits)."""
+    bits = np.asarray(np.float32(x)).view(np.uint32)
+    return float(np.uint32((int(bits) + 0xFFFF) & 0xFFFF0000).view(np.float32))
+
+
+def roundtrip_blocks(x, block, table, u=None, no_zero=False, scale_up=None):
+    """Block-wise: each block scaled by its largest magnitude (in float32, or rounded up by
+    ``scale_up``), rounded, scaled back.
 
     ``table``: a code's magnitudes, 0 first. A signed value's magnitude is rounded (so stochastic
     rounding goes away from zero when ``u`` is large) and takes the value's sign.
@@ -65,6 +72,8 @@ def roundtrip_blocks(x, block, table, u=None, no_zero=False):
     for start in range(0, flat.size, block):
         chunk = flat[start:start + block]
         scale = np.float64(np.float32(np.max(np.abs(chunk))))
+        if scale_up is not None and scale > 0:
+            scale = scale_up(scale)
         if scale == 0:
             out[start:start + block] = 0.0
             continue

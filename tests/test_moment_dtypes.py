@@ -22,7 +22,7 @@ LR = 5e-2
 
 
 def least_squares(seed=0):
-    """A noisy least-squares problem with an 8,192-element weight (32 int8 blocks, 64 int4 ones)."""
+    """A noisy least-squares problem with an 8,192-element weight (32 int8 blocks, 256 int4 ones)."""
     rng = np.random.default_rng(seed)
     x = rng.normal(size=(256, 64))
     w_true = rng.normal(size=(64, 128))
@@ -90,9 +90,9 @@ def state_bytes(state):
     (None, 8.0), (jnp.float32, 8.0), (jnp.bfloat16, 4.0),
     # one byte per element and one float32 scale per 256 elements, for each moment
     ("int8", 2 * (1 + 4 / 256)),
-    # first moment: half a byte per element and a float32 per 128; second: half a byte per element
+    # first moment: half a byte per element and a bfloat16 per 32; second: half a byte per element
     # and a float32 per row and column (512 + 1024 for "a", 4096 + 64 for "b")
-    ("int4", (0.5 + 4 / 128) + 0.5 + 4 * (512 + 1024 + 4096 + 64) / (512 * 1024 + 4096 * 64)),
+    ("int4", (0.5 + 2 / 32) + 0.5 + 4 * (512 + 1024 + 4096 + 64) / (512 * 1024 + 4096 * 64)),
 ])
 def test_state_bytes_per_parameter(moment_dtype, per_param):
     params = {"a": jax.ShapeDtypeStruct((512, 1024), jnp.float32),
@@ -118,8 +118,8 @@ def test_int4_falls_back_to_8_bits_where_4_bits_do_not_fit():
               "thin": jax.ShapeDtypeStruct((2, 8192), jnp.float32)}    # rows + columns > size / 32
     state = jax.eval_shape(lambda: adamx.init(params, mu_dtype="int4", nu_dtype="int4"))
     blocks8 = lambda n, b: n + 4 * -(-n // b)  # noqa: E731
-    assert state_bytes(state.mu["odd"]) == blocks8(64 * 129, 128)
+    assert state_bytes(state.mu["odd"]) == blocks8(64 * 129, 32)
     assert state_bytes(state.nu["odd"]) == 64 * 65 + 4 * (64 + 129)  # rank-1 pads the last axis
-    assert state_bytes(state.mu["flat"]) == 8192 // 2 + 4 * 8192 // 128
+    assert state_bytes(state.mu["flat"]) == 8192 // 2 + 2 * 8192 // 32
     assert state_bytes(state.nu["flat"]) == blocks8(8192, 256)
     assert state_bytes(state.nu["thin"]) == blocks8(2 * 8192, 256)
