@@ -13,7 +13,18 @@ Example:
 
 from adamx._checks import check_hyperparams
 from adamx._fused import apply, kernel_available
-from adamx._quantize import Int8Spec, Quantized, dequantize, int8_moments, quantize
+from adamx._quantize import (
+    Int4Blocks,
+    Int4Rank1,
+    Int4Spec,
+    Int8Blocks,
+    Int8Spec,
+    dequantize,
+    dequantize_state,
+    int4_moments,
+    int8_moments,
+    quantize,
+)
 from adamx._sharding import host_offload_shardings, zero1_shardings
 from adamx._state import AdamState, init
 from adamx._transforms import adam, adamax, adamw, amsgrad, nadam, nadamw, scale_by_adam
@@ -23,8 +34,11 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AdamState",
+    "Int4Blocks",
+    "Int4Rank1",
+    "Int4Spec",
+    "Int8Blocks",
     "Int8Spec",
-    "Quantized",
     "adam",
     "adamax",
     "adamw",
@@ -32,8 +46,10 @@ __all__ = [
     "apply",
     "check_hyperparams",
     "dequantize",
+    "dequantize_state",
     "host_offload_shardings",
     "init",
+    "int4_moments",
     "int8_moments",
     "kernel_available",
     "nadam",

@@ -134,6 +134,21 @@ def store(value, moment, rng=None):
     return value.astype(moment.dtype)
 
 
+def as_stored(value, moment):
+    """The value of a moment the step uses: as the state holds it, where that is a narrower float.
+
+    Reading a bfloat16 or float16 moment back from the state after storing it lets XLA update it
+    in place and read it once more for the step; the unrounded value would be recomputed from a
+    copy of the old moment (2.2x the float32 step's time on one 16M leaf, against 0.8x). A
+    quantized moment is read unrounded: decoding it again costs more than it saves.
+    """
+    if _formats.is_quantized(moment):
+        return value
+    if jnp.iscomplexobj(moment) and not jnp.iscomplexobj(value):
+        moment = moment.real  # a complex mu_dtype for a real param
+    return moment.astype(value.dtype)
+
+
 def check_leaf(fn, where, moment, grad):
     """Raises ValueError (naming ``where``) if a stored moment cannot be the moment of ``grad``.
 

@@ -107,8 +107,8 @@ def step_scalars(dtype, t, hp, rule):
     return {k: jnp.asarray(v, dtype) for k, v in s.items()}
 
 
-def _moments(g, mu, nu, nu_max, s, rule):
-    """This step's (m, v) and the v the step divides by, with the new AMSGrad maximum."""
+def _moments(g, mu, nu, nu_max, s, rule, rng):
+    """This step's moments, stored, and the (m, v) the step uses (see ``_storage.as_stored``)."""
     real = s["b1"].dtype
     m = _storage.load(mu, g.dtype, g.shape)
     v = _storage.load(nu, real, g.shape)
@@ -117,11 +117,14 @@ def _moments(g, mu, nu, nu_max, s, rule):
         v = jnp.maximum(jnp.abs(g) + s["eps"], s["b2"] * v)
     else:
         v = s["omb2"] * _numerics.abs_sq(g) + s["b2"] * v
+    mu, nu = _storage.store(m, mu, rng), _storage.store(v, nu, rng)
+    m, v = _storage.as_stored(m, mu), _storage.as_stored(v, nu)
     if nu_max is None:
-        return m, v, v, None
+        return (mu, nu, None), m, v
     previous = _storage.load(nu_max, real, g.shape)
     new_max = jnp.maximum(previous, v / s["bc2"] if rule.max_bias_corrected else v)
-    return m, v, new_max, new_max
+    nu_max = _storage.store(new_max, nu_max, rng)
+    return (mu, nu, nu_max), m, _storage.as_stored(new_max, nu_max)
 
 
 def _direction(g, m, v_used, p, decay, s, rule):
@@ -234,15 +237,17 @@ def step(fn, grads, state, params, hp, rule, mask=None):
         if rounded[k] and not rule.kahan:
             bits = _numerics.random_bits(g.shape, seed=hp.seed, count=count, stream=k,
                                          sharding=jax.typeof(g).sharding)
+        # quantized moments round stochastically, on bits of (seed, count, leaf, element)
+        rng = (hp.seed, count, k)
         outs.append(_leaf_step(g, [x[k] for x in stored], p, decay[k], lr, scalars[dtype], rule,
-                               rounded[k], bits))
+                               rng, rounded[k], bits))
 
     new_fields = {name: None if fields[name] is None else treedef.unflatten([o[i] for o in outs])
                   for i, name in enumerate(("mu", "nu", "nu_max", "compensation"), start=1)}
     return treedef.unflatten([o[0] for o in outs]), _state.AdamState(count=count, **new_fields)
 
 
-def _leaf_step(g, stored, p, decay, lr, s, rule, rounded, bits):
+def _leaf_step(g, stored, p, decay, lr, s, rule, rng, rounded, bits):
     """One trained leaf: its update, and its (mu, nu, nu_max, compensation) as stored."""
     # moments kept in host memory (adamx.host_offload_shardings) are updated on the device
     mu, nu, nu_max, c = (to_device(x) for x in stored)
@@ -250,7 +255,7 @@ def _leaf_step(g, stored, p, decay, lr, s, rule, rounded, bits):
     g_c = g.astype(_numerics.complex_dtype(real) if jnp.iscomplexobj(g) else real)
     if rule.maximize:
         g_c = -g_c
-    m, v, v_used, new_max = _moments(g_c, mu, nu, nu_max, s, rule)
+    moments, m, v_used = _moments(g_c, mu, nu, nu_max, s, rule, rng)
     u = _direction(g_c, m, v_used, p, decay, s, rule)
     if lr is not None:
         u = jnp.asarray(-lr, real).astype(g_c.dtype) * u
@@ -258,9 +263,7 @@ def _leaf_step(g, stored, p, decay, lr, s, rule, rounded, bits):
         u, c = _write(p, c, u, g.dtype, rule, bits)
     else:
         u = u.astype(g.dtype)
-    new_max = None if new_max is None else _storage.store(new_max, nu_max)
-    new = (_storage.store(m, mu), _storage.store(v, nu), new_max, c)
-    return (u,) + tuple(like(x, old) for x, old in zip(new, stored))
+    return (u,) + tuple(like(x, old) for x, old in zip(moments + (c,), stored))
 
 
 def update(

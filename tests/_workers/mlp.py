@@ -71,23 +71,31 @@ def to_host(tree):
     return jax.tree.map(lambda x: np.asarray(x.addressable_data(0)), tree)
 
 
-def train(tx, mesh, x, y, *, steps, batch_size=128, seed=0, zero1=False):
+def train(tx, mesh, x, y, *, steps, batch_size=128, seed=0, zero1=False, dtype=None,
+          offload=False, keep_state=False):
     """``steps`` data-parallel steps over ``mesh`` (axis "data"); returns the final params (NumPy).
 
     The params are replicated and each global batch is split over "data"; ``zero1`` splits the
-    optimizer state over "data" too (``adamx.zero1_shardings``). The init and the batch order
-    come from ``seed`` alone, so the run is the same whatever the number of processes and devices.
+    optimizer state over "data" too (``adamx.zero1_shardings``), and ``offload`` keeps it in
+    pinned host memory (``adamx.host_offload_shardings``). ``dtype`` casts the params (e.g. to
+    bfloat16). The init and the batch order come from ``seed`` alone, so the run is the same
+    whatever the number of processes and devices. ``keep_state`` also returns the final state.
     """
     if steps * batch_size > len(x):
         raise ValueError(f"train: {steps} steps of {batch_size} rows need more than {len(x)} rows")
     replicated = NamedSharding(mesh, P())
     rows = NamedSharding(mesh, P("data"))
-    params = jax.device_put(init_mlp(jax.random.key(seed)), replicated)
+    params = init_mlp(jax.random.key(seed))
+    if dtype is not None:
+        params = jax.tree.map(lambda p: p.astype(dtype), params)
+    params = jax.device_put(params, replicated)
     abstract_state = jax.eval_shape(tx.init, params)
     if zero1:
         state_shardings = adamx.zero1_shardings(abstract_state, mesh)
     else:
         state_shardings = jax.tree.map(lambda _: replicated, abstract_state)
+    if offload:
+        state_shardings = adamx.host_offload_shardings(state_shardings)
     state = jax.jit(tx.init, out_shardings=state_shardings)(params)
 
     def step(params, state, x, y):
@@ -101,4 +109,4 @@ def train(tx, mesh, x, y, *, steps, batch_size=128, seed=0, zero1=False):
         index = order[b * batch_size:(b + 1) * batch_size]
         params, state = step(params, state, global_array(x[index], rows),
                              global_array(y[index], rows))
-    return to_host(params)
+    return (to_host(params), state) if keep_state else to_host(params)

@@ -214,8 +214,10 @@ def quantized_zero1_check(axis_type):
     """ZeRO-1 shardings of 8-bit moments: split with whole blocks, decoded with no collective."""
     mesh = jax.make_mesh((8,), ("data",), axis_types=(axis_type,))
     moments = {
-        "aligned": quantize(jax.random.normal(jax.random.key(1), (64, 128)), block_size=256),
-        "short_rows": quantize(jax.random.normal(jax.random.key(2), (3, 1000)), block_size=256),
+        "aligned": quantize(jax.random.normal(jax.random.key(1), (64, 128)), "int8"),
+        "short_rows": quantize(jax.random.normal(jax.random.key(2), (3, 1000)), "int8"),
+        "int4_rank1": quantize(jnp.abs(jax.random.normal(jax.random.key(3), (64, 128))), "int4",
+                               signed=False),
     }
     out = {}
     with jax.set_mesh(mesh):
@@ -242,10 +244,10 @@ def quantized_zero1_check(axis_type):
     return out
 
 
-def int8_check(axis_type):
-    """If init takes int8 moments: 10 ZeRO-1 steps on 8 devices vs the same run on one device."""
+def int8_check(axis_type, bits="int8"):
+    """If init takes quantized moments: 10 ZeRO-1 steps on 8 devices vs the same run on one device."""
     try:
-        adamx.init({"w": jnp.zeros((64, 128))}, mu_dtype="int8", nu_dtype="int8")
+        adamx.init({"w": jnp.zeros((64, 128))}, mu_dtype=bits, nu_dtype=bits)
     except (ValueError, TypeError) as error:
         return {"available": False, "reason": str(error)}
     x, y = mlp.synthetic_data()
@@ -253,7 +255,7 @@ def int8_check(axis_type):
     eight = jax.make_mesh((8,), ("data",), axis_types=(axis_type,))
 
     def tx():
-        return adamx.adam(1e-2, mu_dtype="int8", nu_dtype="int8")
+        return adamx.adam(1e-2, mu_dtype=bits, nu_dtype=bits)
 
     with jax.set_mesh(one):
         single = mlp.train(tx(), one, x, y, steps=STEPS)
@@ -273,6 +275,42 @@ def int8_check(axis_type):
             "specs": shardings}
 
 
+def rounding_check(rounding):
+    """bfloat16 params with stochastic or Kahan rounding: ZeRO-1 on 8 devices (the compensation
+    split like the moments) vs one device, and the same with the state offloaded to the host."""
+    x, y = mlp.synthetic_data()
+    one = jax.make_mesh((1,), ("data",), devices=jax.devices()[:1], axis_types=(AxisType.Auto,))
+    eight = jax.make_mesh((8,), ("data",), axis_types=(AxisType.Auto,))
+
+    def tx():
+        return adamx.adam(1e-2, param_rounding=rounding)
+
+    with jax.set_mesh(one):
+        single = mlp.train(tx(), one, x, y, steps=STEPS, dtype=jnp.bfloat16)
+    with jax.set_mesh(eight):
+        sharded, state = mlp.train(tx(), eight, x, y, steps=STEPS, zero1=True, dtype=jnp.bfloat16,
+                                   keep_state=True)
+        offloaded, host_state = mlp.train(tx(), eight, x, y, steps=STEPS, zero1=True,
+                                          dtype=jnp.bfloat16, offload=True, keep_state=True)
+    pairs = list(zip(jax.tree.leaves(sharded), jax.tree.leaves(single)))
+    equal = sum(int(np.sum(np.asarray(a, np.float32) == np.asarray(b, np.float32))) for a, b in pairs)
+    # differences in bfloat16 ulps of each leaf's largest param (its coarsest rounding step)
+    ulps = [np.abs(np.asarray(a, np.float32) - np.asarray(b, np.float32)) /
+            (2.0**-8 * np.max(np.abs(np.asarray(b, np.float32)))) for a, b in pairs]
+    found = {"equal_fraction": equal / sum(a.size for a, _ in pairs),
+             "max_leaf_ulps": float(max(np.max(u) for u in ulps)),
+             "offload_equal": all(np.array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+                                  for a, b in zip(jax.tree.leaves(offloaded),
+                                                  jax.tree.leaves(sharded))),
+             "offload_kinds": sorted({x.sharding.memory_kind for x in jax.tree.leaves(
+                 (host_state.mu, host_state.nu, host_state.compensation))}),
+             "max_param_change": max_abs_diff(single, jax.device_get(jax.tree.map(
+                 lambda p: p.astype(jnp.bfloat16), mlp.init_mlp(jax.random.key(0)))))}
+    if rounding == "kahan":
+        found["compensation_specs"] = specs(state.compensation)
+    return found
+
+
 def main():
     assert jax.device_count() == 8, jax.devices()
     checks = {
@@ -284,6 +322,9 @@ def main():
         "quantized_zero1_auto": lambda: quantized_zero1_check(AxisType.Auto),
         "quantized_zero1_explicit": lambda: quantized_zero1_check(AxisType.Explicit),
         "int8_auto": lambda: int8_check(AxisType.Auto),
+        "int4_auto": lambda: int8_check(AxisType.Auto, "int4"),
+        "stochastic": lambda: rounding_check("stochastic"),
+        "kahan": lambda: rounding_check("kahan"),
     }
     findings, seconds = {}, {}
     for name, check in checks.items():
