@@ -19,10 +19,15 @@ def test_low_precision_zero_grad_gives_zero_update(dtype):
     updates, state = adamx.update(jnp.zeros(4, dtype), adamx.init(params), learning_rate=1e-3)
     assert updates.dtype == dtype
     np.testing.assert_array_equal(np.asarray(updates, np.float32), 0.0)
-    # optax forms eps + sqrt(0) in float16, where 1e-8 rounds to 0: 0 / 0.
-    if dtype == jnp.float16:
-        ref, _ = optax.adam(1e-3).update(jnp.zeros(4, dtype), optax.adam(1e-3).init(params))
-        assert np.isnan(np.asarray(ref, np.float32)).all()
+
+
+@pytest.mark.xfail(strict=False, reason="optax 0.2.8 forms eps + sqrt(0) in float16, where 1e-8 "
+                   "rounds to 0: 0 / 0 (optax issue 1754, documented in the README); this passes "
+                   "once optax widens its denominator")
+def test_optax_float16_zero_grad_gives_zero_update_too():
+    params = jnp.ones(4, jnp.float16)
+    ref, _ = optax.adam(1e-3).update(jnp.zeros(4, jnp.float16), optax.adam(1e-3).init(params))
+    np.testing.assert_array_equal(np.asarray(ref, np.float32), 0.0)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
