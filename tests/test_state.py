@@ -27,7 +27,7 @@ def test_state_round_trips_through_tree_utilities():
 
 
 def test_state_round_trips_through_flax_serialization():
-    serialization = pytest.importorskip("flax.serialization", reason="flax is not installed")
+    from flax import serialization
     params = nested_params()
     _, state = run(adamx.amsgrad(1e-2), params, grad_sequence(params, 3))
     restored = serialization.from_bytes(adamx.amsgrad(1e-2).init(params),
@@ -123,7 +123,7 @@ def test_amsgrad_state_keeps_a_running_maximum():
 
 
 def test_state_round_trips_exactly_through_orbax(tmp_path):
-    ocp = pytest.importorskip("orbax.checkpoint", reason="orbax-checkpoint is not installed")
+    import orbax.checkpoint as ocp
     params = nested_params()
     tx = adamx.amsgrad(1e-2, mu_dtype=jnp.bfloat16)
     _, state = run(tx, params, grad_sequence(params, 3))

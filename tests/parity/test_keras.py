@@ -1,15 +1,12 @@
 """adamx against keras.optimizers (JAX backend) on identical gradients: Adam, AdamW, AMSGrad."""
 
+import keras  # a peer in the `parity` extra; missing, this file fails rather than skips
 import pytest
 
-keras = pytest.importorskip(
-    "keras", reason="keras is a peer in the `parity` extra: pip install adamx[parity]"
-)
+import adamx
 
-import adamx  # noqa: E402
-
-from ._cases import FLOAT64, KERAS, KERAS_PREPARE, MASK  # noqa: E402
-from ._peers import LR, WD, assert_trajectories_close, max_relative_error, run_keras, run_optax  # noqa: E402
+from ._cases import FLOAT64, KERAS, KERAS_PREPARE, MASK
+from ._peers import LR, WD, assert_trajectories_close, max_relative_error, run_keras, run_optax
 
 
 def _run_case(case, params, grads):

@@ -13,13 +13,9 @@ Keras only over the first epochs (its bias correction is more accurate than Kera
 import numpy as np
 import pytest
 
-keras = pytest.importorskip(
-    "keras", reason="keras is a peer in the `parity` extra: pip install adamx[parity]"
-)
+import adamx
 
-import adamx  # noqa: E402
-
-from ._keras_example import data, jax_run, keras_run, loss_error  # noqa: E402
+from ._keras_example import data, jax_run, keras_run, loss_error
 
 
 @pytest.fixture(scope="module")

@@ -5,15 +5,12 @@ same gradients, and compares parameters after every step.
 """
 
 import pytest
+import torch  # a peer in the `parity` extra; missing, this file fails rather than skips
 
-torch = pytest.importorskip(
-    "torch", reason="torch is a peer in the `parity` extra: pip install adamx[parity]"
-)
+import adamx
 
-import adamx  # noqa: E402
-
-from ._cases import FLOAT64, TORCH  # noqa: E402
-from ._peers import LR, assert_trajectories_close, max_relative_error, run_optax, run_torch  # noqa: E402
+from ._cases import FLOAT64, TORCH
+from ._peers import LR, assert_trajectories_close, max_relative_error, run_optax, run_torch
 
 
 @pytest.mark.parametrize("case", list(TORCH))
