@@ -403,7 +403,7 @@ def quality_table(results, modes):
     print("\n## Held-out quality: change against float32 params and moments, same steps and "
           "batches (mean over seeds, and range)\n")
     print("| mode | " + " | ".join(f"{p['name'].split(',')[0]} ({p['steps']} steps, "
-                                    f"{len(finals['float32'])} seeds)"
+                                    f"{len(finals['float32'])} seed{'s' * (len(finals['float32']) > 1)})"
                                     for p, finals, _ in results) + " |")
     print("|---|" + "---|" * len(results))
     for mode in modes:
