@@ -147,7 +147,7 @@ def _direction(g, m, v_used, p, decay, s, rule):
     return direction
 
 
-def _write(p, c, delta, dtype, rule, bits):
+def _write(p, c, delta, dtype, rule, rng):
     """A 16-bit param's update under stochastic or Kahan rounding, and its new compensation.
 
     The new param is rounded here and the update returned (in ``dtype``, the gradient's) is its
@@ -162,6 +162,9 @@ def _write(p, c, delta, dtype, rule, bits):
         target = exact.astype(p.dtype)
     else:
         exact = p32 + delta
+        seed, count, stream = rng
+        bits = _numerics.random_bits(p.shape, seed=seed, count=count, stream=stream,
+                                     sharding=jax.typeof(p).sharding)
         target = _numerics.stochastic_round(exact, p.dtype, bits)
     u = (target.astype(jnp.float32) - p32).astype(dtype)
     if not rule.kahan:
@@ -233,21 +236,18 @@ def step(fn, grads, state, params, hp, rule, mask=None):
         dtype = _numerics.compute_dtype(g.dtype)
         if dtype not in scalars:
             scalars[dtype] = step_scalars(dtype, count, hp, rule)
-        bits = None
-        if rounded[k] and not rule.kahan:
-            bits = _numerics.random_bits(g.shape, seed=hp.seed, count=count, stream=k,
-                                         sharding=jax.typeof(g).sharding)
-        # quantized moments round stochastically, on bits of (seed, count, leaf, element)
+        # stochastic rounding (of the param, of quantized moments) draws its bits from
+        # (seed, count, leaf, element)
         rng = (hp.seed, count, k)
         outs.append(_leaf_step(g, [x[k] for x in stored], p, decay[k], lr, scalars[dtype], rule,
-                               rng, rounded[k], bits))
+                               rng, rounded[k]))
 
     new_fields = {name: None if fields[name] is None else treedef.unflatten([o[i] for o in outs])
                   for i, name in enumerate(("mu", "nu", "nu_max", "compensation"), start=1)}
     return treedef.unflatten([o[0] for o in outs]), _state.AdamState(count=count, **new_fields)
 
 
-def _leaf_step(g, stored, p, decay, lr, s, rule, rng, rounded, bits):
+def _leaf_step(g, stored, p, decay, lr, s, rule, rng, rounded):
     """One trained leaf: its update, and its (mu, nu, nu_max, compensation) as stored."""
     # moments kept in host memory (adamx.host_offload_shardings) are updated on the device
     mu, nu, nu_max, c = (to_device(x) for x in stored)
@@ -260,7 +260,7 @@ def _leaf_step(g, stored, p, decay, lr, s, rule, rng, rounded, bits):
     if lr is not None:
         u = jnp.asarray(-lr, real).astype(g_c.dtype) * u
     if rounded:
-        u, c = _write(p, c, u, g.dtype, rule, bits)
+        u, c = _write(p, c, u, g.dtype, rule, rng)
     else:
         u = u.astype(g.dtype)
     return (u,) + tuple(like(x, old) for x, old in zip(moments + (c,), stored))
