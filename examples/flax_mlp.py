@@ -433,9 +433,11 @@ def train_one(args, name, data, checkpoints, say):
         result = train(data, config, epochs, checkpoints, args.resume, args.quiet, say)
     except RunError as error:
         raise RunError(f"{name}: {error}" if args.compare else str(error)) from None
-    say(f"test accuracy {result['test_accuracy']:.4f} | first-epoch compile "
-        f"{result['compile_s']:.2f} s | steady {result['epochs_per_s']:.1f} epochs/s "
-        f"(median of {max(len(result['epoch_times']) - 1, 1)} epochs)")
+    timed = len(result["epoch_times"])
+    timing = (f"first-epoch compile {result['compile_s']:.2f} s | steady "
+              f"{result['epochs_per_s']:.1f} epochs/s (median of {max(timed - 1, 1)} epochs)"
+              if timed else "no epoch left to train: the checkpoint holds the last one")
+    say(f"test accuracy {result['test_accuracy']:.4f} | {timing}")
     return result
 
 
