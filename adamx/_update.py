@@ -76,7 +76,7 @@ class Hyperparams(NamedTuple):
     seed: Any = 0
 
     def check(self, fn, *, scaled=True):
-        """Range checks of concrete values (tracers pass; see ``_checks.traced_checks``).
+        """Range checks of concrete values; tracers pass (``check_hyperparams`` checks those).
 
         ``scaled=False`` is for ``scale_by_adam``, which has no learning rate (None).
         """
