@@ -166,11 +166,12 @@ def _axis_size(mesh, entry):
 
 
 def zeros(param: Any, spec: Union[Int8Spec, Int4Spec], *, signed: bool) -> Any:
-    """A zero moment for ``param`` under ``spec``: a quantized moment, or a float32 array below
-    ``spec.min_size``. Codes (and row maxima) follow the param's sharding where they divide."""
+    """A zero moment for ``param`` under ``spec``: a quantized moment, or a float32 array for a
+    scalar or below ``spec.min_size``. Codes (and row maxima) follow the param's sharding where
+    they divide."""
     shape = tuple(np.shape(param))
     size = math.prod(shape)
-    if size == 0 or size < spec.min_size:
+    if size == 0 or not shape or size < spec.min_size:  # a scalar has no block to share
         return jnp.zeros_like(param, dtype=jnp.float32)
     cls, block = _formats.layout(shape, four=isinstance(spec, Int4Spec), signed=signed,
                                  block_size=spec.block_size)

@@ -112,6 +112,20 @@ def test_int8_leaves_below_min_size_cost_float32_bytes():
     assert state_bytes(state) == 3 * (5000 + 4 * blocks) + 3 * 4 * 4095 + 4
 
 
+@pytest.mark.parametrize("spec", [adamx.int8_moments(min_size=0), adamx.int4_moments(min_size=0)])
+def test_a_scalar_leaf_keeps_float32_moments_even_with_min_size_0(spec):
+    # a 0-d leaf has no block to share: it stays float32, and trains as with float32 moments
+    params = {"s": jnp.float32(1.0), "w": jnp.ones((4, 8))}
+    quantized, plain = adamx.adam(0.1, mu_dtype=spec, nu_dtype=spec), adamx.adam(0.1)
+    q_state, p_state = quantized.init(params), plain.init(params)
+    assert q_state.mu["s"].dtype == q_state.nu["s"].dtype == jnp.float32
+    for t in range(5):
+        grads = {"s": jnp.float32(0.3 - 0.1 * t), "w": jnp.full((4, 8), 0.1 * t)}
+        q_updates, q_state = quantized.update(grads, q_state, params)
+        p_updates, p_state = plain.update(grads, p_state, params)
+        np.testing.assert_array_equal(q_updates["s"], p_updates["s"])
+
+
 def test_int4_falls_back_to_8_bits_where_4_bits_do_not_fit():
     params = {"odd": jax.ShapeDtypeStruct((64, 129), jnp.float32),     # odd last dimension
               "flat": jax.ShapeDtypeStruct((8192,), jnp.float32),      # 1-D: no rows and columns
