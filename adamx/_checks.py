@@ -25,8 +25,16 @@ def is_traced(value):
 
 
 def concrete_float(fn, name, value):
-    """Returns ``value`` as a Python float, or None for a tracer; raises TypeError otherwise."""
+    """Returns ``value`` as a Python float, or None for a tracer; raises TypeError otherwise.
+
+    A tracer's value is unknown, but its shape and dtype are not: they are checked too.
+    """
     if is_traced(value):
+        aval = jax.typeof(value)
+        if aval.shape != () or not (jnp.issubdtype(aval.dtype, jnp.floating)
+                                    or jnp.issubdtype(aval.dtype, jnp.integer)):
+            raise TypeError(f"{fn}: {name} must be a real scalar, got a traced "
+                            f"{aval.str_short()}")
         return None
     if value is None or isinstance(value, (bool, np.bool_, str, bytes)):
         raise TypeError(f"{fn}: {name} must be a real number, got {value!r}")
@@ -68,13 +76,26 @@ def check_non_negative(fn, **values):
         _check_finite_f32(fn, name, value, x)
 
 
-def check_learning_rate(fn, learning_rate):
-    """Checks a learning rate: a schedule (callable of the step count), or a finite number >= 0."""
-    if callable(learning_rate):
+def check_rate(fn, name, value):
+    """Checks a learning rate or weight decay: a schedule (a callable of the step count), or a
+    finite number >= 0."""
+    if callable(value):
         return
-    if learning_rate is None:
-        raise TypeError(f"{fn}: learning_rate must be a number, an array or a schedule, got None")
-    check_non_negative(fn, learning_rate=learning_rate)
+    if value is None:
+        raise TypeError(f"{fn}: {name} must be a number, an array or a schedule, got None")
+    check_non_negative(fn, **{name: value})
+
+
+def scheduled(fn, name, value, count):
+    """``value`` at the step whose count (before the step) is ``count``: a schedule is called,
+    as optax calls it, and what it returns is checked as a number passed directly would be."""
+    if not callable(value):
+        return value
+    value = value(count)
+    if value is None:
+        raise TypeError(f"{fn}: the {name} schedule returned None; it must return a real scalar")
+    check_non_negative(fn, **{f"{name} (the schedule's value)": value})
+    return value
 
 
 def check_bool(fn, **values):
@@ -216,3 +237,15 @@ def leaves_like(fn, where, grads_def, grads, tree):
     except (ValueError, TypeError):
         found = first_difference(grads, tree, where) or "they differ in structure"
         raise ValueError(f"{fn}: grads and {where} differ in tree structure: {found}") from None
+
+
+def params_like(fn, grads_def, grads, params):
+    """:func:`leaves_like` for the params, whose leaves must also have the grads' shapes (weight
+    decay and param rounding would otherwise broadcast a param against its update)."""
+    leaves = leaves_like(fn, "params", grads_def, grads, params)
+    paths = [path for path, _ in jax.tree_util.tree_flatten_with_path(grads)[0]]
+    for path, g, p in zip(paths, grads_def.flatten_up_to(grads), leaves):
+        if p is not None and np.shape(p) != np.shape(g):
+            raise ValueError(f"{fn}: params{jax.tree_util.keystr(path)} has shape {tuple(np.shape(p))} where "
+                             f"the grads have {tuple(np.shape(g))}")
+    return leaves

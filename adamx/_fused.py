@@ -16,7 +16,7 @@ import optax
 from jax.typing import ArrayLike
 
 from adamx import _numerics, _state
-from adamx._checks import check_bool
+from adamx._checks import check_bool, params_like
 from adamx._update import Hyperparams, Mask, Rule, decay_flags, step, step_scalars
 
 PyTree = Any
@@ -59,12 +59,13 @@ def _fused_step(fn, grads, state, params, hp, rule, mask):
     available, why = _native.status()
     g_leaves, treedef, fields = _state.check(fn, state, grads, amsgrad=rule.amsgrad,
                                              kahan=rule.kahan)
-    p_leaves = treedef.flatten_up_to(params)
+    p_leaves = params_like(fn, treedef, grads, params)
     leaves = list(zip(p_leaves, g_leaves, fields["mu"], fields["nu"]))
     why = why if not available else _why_not(rule, leaves)
     if why is not None:
         raise RuntimeError(f"{fn}: fused=True but the CPU kernel cannot run: {why}")
-    lr = hp.learning_rate(state.count) if callable(hp.learning_rate) else hp.learning_rate
+    hp = hp.at(fn, state.count)
+    lr = hp.learning_rate
     decay = decay_flags(fn, treedef, grads, params, hp.weight_decay, mask)
     count = _numerics.safe_increment(state.count)
     live = [k for k, g in enumerate(g_leaves) if g.size]  # empty leaves have nothing to update
@@ -91,7 +92,7 @@ def apply(
     b2: ArrayLike = 0.999,
     eps: ArrayLike = 1e-8,
     eps_root: ArrayLike = 0.0,
-    weight_decay: ArrayLike = 0.0,
+    weight_decay: optax.ScalarOrSchedule = 0.0,
     mask: Mask = None,
     eps_hat: bool = False,
     maximize: bool = False,
@@ -151,6 +152,9 @@ def apply(
                 max_bias_corrected=max_bias_corrected, param_rounding=param_rounding)
     rule.check(fn)
     hp = Hyperparams(learning_rate, b1, b2, eps, eps_root, weight_decay, seed).check(fn)
+    if params is None:
+        raise TypeError(f"{fn}: params must be the params' pytree (apply returns the new params), "
+                        "got None")
     if fused:
         return _fused_step(fn, grads, state, params, hp, rule, mask)
     updates, new_state = step(fn, grads, state, params, hp, rule, mask)

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from adamx import _numerics, _storage
-from adamx._checks import check_bool, check_choice, describe, is_traced, leaves_like
+from adamx._checks import check_bool, check_choice, is_traced, leaves_like
 
 PyTree = Any
 
@@ -182,12 +182,12 @@ def check(fn, state, grads, *, amsgrad, kahan):
     fields = {}
     for name in ("mu", "nu", "nu_max", "compensation"):
         tree = getattr(state, name)
-        if tree is None:
-            fields[name] = None
+        if tree is None and name in ("nu_max", "compensation"):
+            fields[name] = None  # absent (mu and nu are None only where no leaf is trained)
             continue
         entries = leaves_like(fn, f"state.{name}", treedef, grads, tree)
         for (path, g), entry in zip(g_paths, entries):
-            where = f"state.{name}{describe(path)}"
+            where = f"state.{name}{jax.tree_util.keystr(path)}"
             if name == "compensation":
                 _check_compensation(fn, where, entry, g)
                 continue

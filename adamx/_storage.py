@@ -158,7 +158,7 @@ def check_leaf(fn, where, moment, grad):
     if not trained(grad):
         if moment is not None:
             raise ValueError(f"{fn}: {where} must be None for an integer or float0 gradient (an "
-                             f"untrained leaf keeps no moment), got {type(moment).__name__}")
+                             f"untrained leaf keeps no moment), got {_what(moment)}")
         return
     if _formats.is_quantized(moment):
         _quantize.check(fn, where, moment, np.shape(grad))
@@ -167,10 +167,18 @@ def check_leaf(fn, where, moment, grad):
     shape = getattr(moment, "shape", None)
     if dtype is None or not jnp.issubdtype(dtype, jnp.inexact):
         raise ValueError(f"{fn}: {where} must be a float array for a float gradient, got "
-                         f"{getattr(moment, 'dtype', type(moment).__name__)}")
+                         f"{_what(moment)}")
     if tuple(shape) != tuple(np.shape(grad)):
         raise ValueError(f"{fn}: {where} has shape {tuple(shape)} where the grads have "
                          f"{tuple(np.shape(grad))}")
+
+
+def _what(x):
+    """A short description for messages: ``float32[3]`` for an array or tracer, else the type."""
+    dtype, shape = getattr(x, "dtype", None), getattr(x, "shape", None)
+    if x is None or dtype is None or shape is None:
+        return repr(x) if x is None else type(x).__name__
+    return f"{dtype}{list(shape)}"
 
 
 def nbytes(tree):

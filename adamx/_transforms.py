@@ -157,7 +157,7 @@ def adamw(
     eps: ArrayLike = 1e-8,
     eps_root: ArrayLike = 0.0,
     mu_dtype: Optional[Any] = None,
-    weight_decay: ArrayLike = 1e-4,
+    weight_decay: optax.ScalarOrSchedule = 1e-4,
     mask: Mask = None,
     *,
     nu_dtype: Optional[Any] = None,
@@ -181,7 +181,7 @@ def adamw(
       eps: Added to the root of the second moment; >= 0.
       eps_root: Added inside the root; >= 0.
       mu_dtype: Storage dtype of the first moment.
-      weight_decay: :math:`\lambda` >= 0.
+      weight_decay: :math:`\lambda` >= 0, or a schedule (a callable of the step count).
       mask: Which leaves decay: a pytree of bools (the params' structure or a prefix) or a
         callable of the params; None decays every leaf.
       nu_dtype: Storage dtype of the second moment.
@@ -266,7 +266,7 @@ def nadamw(
     eps: ArrayLike = 1e-8,
     eps_root: ArrayLike = 0.0,
     mu_dtype: Optional[Any] = None,
-    weight_decay: ArrayLike = 1e-4,
+    weight_decay: optax.ScalarOrSchedule = 1e-4,
     mask: Mask = None,
     *,
     nu_dtype: Optional[Any] = None,
@@ -314,7 +314,7 @@ def amsgrad(
     nu_dtype: Optional[Any] = None,
     eps_hat: bool = False,
     maximize: bool = False,
-    weight_decay: ArrayLike = 0.0,
+    weight_decay: optax.ScalarOrSchedule = 0.0,
     mask: Mask = None,
     max_bias_corrected: bool = False,
     param_rounding: str = "nearest",

@@ -19,11 +19,12 @@ from adamx._checks import (
     check_bool,
     check_choice,
     check_in_unit_interval,
-    check_learning_rate,
     check_non_negative,
+    check_rate,
     check_seed,
     concrete_float,
-    leaves_like,
+    params_like,
+    scheduled,
 )
 
 PyTree = Any
@@ -72,7 +73,7 @@ class Hyperparams(NamedTuple):
     b2: Any = 0.999
     eps: Any = 1e-8
     eps_root: Any = 0.0
-    weight_decay: Any = 0.0
+    weight_decay: Any = 0.0  # a number, an array or a schedule
     seed: Any = 0
 
     def check(self, fn, *, scaled=True):
@@ -81,12 +82,19 @@ class Hyperparams(NamedTuple):
         ``scaled=False`` is for ``scale_by_adam``, which has no learning rate (None).
         """
         if scaled:
-            check_learning_rate(fn, self.learning_rate)
+            check_rate(fn, "learning_rate", self.learning_rate)
         check_in_unit_interval(fn, b1=self.b1, b2=self.b2)
-        check_non_negative(fn, eps=self.eps, eps_root=self.eps_root,
-                           weight_decay=self.weight_decay)
+        check_non_negative(fn, eps=self.eps, eps_root=self.eps_root)
+        check_rate(fn, "weight_decay", self.weight_decay)
         check_seed(fn, self.seed)
         return self
+
+    def at(self, fn, count):
+        """The values at the step whose count (before the step) is ``count``: the learning rate
+        and weight decay schedules called, and what they return checked."""
+        return self._replace(
+            learning_rate=scheduled(fn, "learning_rate", self.learning_rate, count),
+            weight_decay=scheduled(fn, "weight_decay", self.weight_decay, count))
 
 
 def step_scalars(dtype, t, hp, rule):
@@ -211,14 +219,13 @@ def step(fn, grads, state, params, hp, rule, mask=None):
     g_leaves, treedef, fields = _state.check(fn, state, grads, amsgrad=rule.amsgrad,
                                              kahan=rule.kahan)
     n = len(g_leaves)
+    hp = hp.at(fn, state.count)  # a schedule reads the count before this step, as in optax
     lr = hp.learning_rate
-    if callable(lr):
-        lr = lr(state.count)  # a schedule reads the count before this step, as in optax
     decay = decay_flags(fn, treedef, grads, params, hp.weight_decay, mask)
     if rule.param_rounding != "nearest" and params is None:
         raise ValueError(f"{fn}: param_rounding={rule.param_rounding!r} needs the params: call "
                          "update(grads, state, params)")
-    p_leaves = [None] * n if params is None else leaves_like(fn, "params", treedef, grads, params)
+    p_leaves = [None] * n if params is None else params_like(fn, treedef, grads, params)
     rounded = [p is not None and _storage.trained(p)
                and _numerics.rounds(jnp.result_type(p), rule.param_rounding) for p in p_leaves]
 
@@ -276,7 +283,7 @@ def update(
     b2: ArrayLike = 0.999,
     eps: ArrayLike = 1e-8,
     eps_root: ArrayLike = 0.0,
-    weight_decay: ArrayLike = 0.0,
+    weight_decay: optax.ScalarOrSchedule = 0.0,
     mask: Mask = None,
     eps_hat: bool = False,
     maximize: bool = False,
@@ -317,7 +324,7 @@ def update(
       b2: :math:`\beta_2`, the second moment's decay, in [0, 1).
       eps: :math:`\epsilon`, added to the root of the second moment; >= 0.
       eps_root: :math:`\epsilon_{root}`, added inside the root; >= 0.
-      weight_decay: :math:`\lambda`, decoupled weight decay as in AdamW; >= 0.
+      weight_decay: :math:`\lambda`, decoupled weight decay as in AdamW: >= 0, or a schedule.
       mask: Which leaves get weight decay: a pytree of bools (the params' structure or a
         prefix of it) or a callable of the params returning one. None decays all leaves.
       eps_hat: Use Kingma & Ba's :math:`\hat\epsilon` form (as Keras and TensorFlow do):

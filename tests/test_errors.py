@@ -104,6 +104,68 @@ def test_adamw_without_params_says_params_are_needed():
         tx.update(jnp.ones(2), tx.init(jnp.ones(2)))
 
 
+@pytest.mark.parametrize("params, shape", [({"w": jnp.ones((3, 1))}, r"\(3, 1\)"),
+                                           ({"w": jnp.array([100.0])}, r"\(1,\)")])
+def test_params_of_another_shape_than_the_grads_are_refused_not_broadcast(params, shape):
+    # optax broadcasts the decay of a (1,) param over a (3,) update; adamx names the leaf
+    grads, state = {"w": jnp.ones(3)}, adamx.init({"w": jnp.ones(3)})
+    message = rf"params\['w'\] has shape {shape} where the grads have \(3,\)"
+    tx = adamx.adamw(1e-2, weight_decay=0.5)
+    with pytest.raises(ValueError, match="adamx.adamw: " + message):
+        tx.update(grads, state, params)
+    with pytest.raises(ValueError, match="adamx.apply: " + message):
+        adamx.apply(grads, state, params, learning_rate=1e-2)
+    with pytest.raises(ValueError, match="adamx.adam: " + message):
+        adamx.adam(1e-2, param_rounding="stochastic").update(grads, state, params)
+
+
+def test_state_messages_name_dtypes_and_shapes_under_jit_too():
+    state = adamx.AdamState(count=jnp.int32(0), mu={"i": jnp.ones(3)}, nu={"i": jnp.ones(3)})
+    with pytest.raises(ValueError, match=r"adamx.adam: state.mu\['i'\] must be None for an integer "
+                                        r"or float0 gradient .*, got float32\[3\]"):
+        jax.jit(lambda s: adamx.adam(1.0).update({"i": jnp.ones(3, jnp.int32)}, s))(state)
+    without_mu = adamx.init(jnp.ones(3)).replace(mu=None)
+    with pytest.raises(ValueError, match="adamx.update: state.mu must be a float array for a float "
+                                         "gradient, got None"):
+        adamx.update(jnp.ones(3), without_mu, learning_rate=0.1)
+
+
+def test_apply_without_params_is_refused():
+    with pytest.raises(TypeError, match="adamx.apply: params must be the params' pytree"):
+        adamx.apply(jnp.ones(3), adamx.init(jnp.ones(3)), None, learning_rate=1e-2)
+
+
+@pytest.mark.parametrize("schedule, error, message", [
+    (lambda count: None, TypeError, "the learning_rate schedule returned None"),
+    (lambda count: "fast", TypeError, r"learning_rate \(the schedule's value\) must be a real number, "
+                                      "got 'fast'"),
+    (lambda count: jnp.ones(2), TypeError, r"learning_rate \(the schedule's value\) must be a real "
+                                           "scalar"),
+    (lambda count: -0.1, ValueError, r"learning_rate \(the schedule's value\) must be finite and "
+                                     ">= 0, got -0.1"),
+])
+def test_a_schedule_value_is_checked_as_a_number_passed_directly_would_be(schedule, error, message):
+    # a schedule returning None used to take scale_by_adam's no-learning-rate path: a unit step uphill
+    tx = adamx.adam(schedule)
+    with pytest.raises(error, match="adamx.adam: " + message):
+        tx.update(jnp.ones(3), tx.init(jnp.ones(3)))
+
+
+def test_traced_hyperparameters_of_another_shape_or_dtype_are_refused_by_their_type():
+    state = adamx.init(jnp.ones(3))
+    with pytest.raises(TypeError, match=r"adamx.update: learning_rate must be a real scalar, got "
+                                        r"a traced float32\[2\]"):
+        jax.jit(lambda lr: adamx.update(jnp.ones(3), state, learning_rate=lr))(jnp.ones(2))
+    with pytest.raises(TypeError, match=r"adamx.update: b1 must be a real scalar, got a traced "
+                                        r"complex64\[\]"):
+        jax.jit(lambda b1: adamx.update(jnp.ones(3), state, learning_rate=0.1, b1=b1))(
+            jnp.complex64(0.5))
+    tx = adamx.adam(lambda count: jnp.full(2, 0.1))
+    with pytest.raises(TypeError, match=r"adamx.adam: learning_rate \(the schedule's value\) must "
+                                        r"be a real scalar, got a traced float32\[2\]"):
+        jax.jit(tx.update)(jnp.ones(3), tx.init(jnp.ones(3)))
+
+
 @pytest.mark.xfail(strict=False, reason="optax 0.2.8 builds these without complaint (documented in "
                    "the README); this passes once optax checks its hyperparameters")
 def test_optax_also_rejects_what_adamx_rejects():
@@ -172,6 +234,7 @@ GRADS = {"a": jnp.ones(3), "b": jnp.ones((2, 2))}
      r"state.nu\['a'\] must be real, got complex64"),
     (dict(mu={"a": jnp.zeros(3, jnp.int32), "b": jnp.zeros((2, 2))}),
      r"state.mu\['a'\] must be a float array for a float gradient, got int32"),
+    (dict(mu=None), r"grads and state.mu differ in tree structure"),
     (dict(count=jnp.float32(3)), r"state.count must be an int32 scalar, got float32\[\]"),
     (dict(count=jnp.zeros(1, jnp.int32)), r"state.count must be an int32 scalar, got int32\[1\]"),
     (dict(count=jnp.int32(-1)), r"state.count must be >= 0, got -1"),

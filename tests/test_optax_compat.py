@@ -56,6 +56,13 @@ def test_schedule_reads_adam_state_count_like_optax():
     assert_same_run(adamx.adam(schedule), optax.adam(schedule))
 
 
+def test_weight_decay_schedule_matches_optax_adamw():
+    # optax.adamw takes a schedule for weight_decay too, read at the count before the step
+    schedule = optax.linear_schedule(0.3, 0.0, STEPS // 2)
+    assert_same_run(adamx.adamw(1e-2, weight_decay=schedule),
+                    optax.adamw(1e-2, weight_decay=schedule))
+
+
 def test_inject_hyperparams_matches_optax():
     tx = optax.inject_hyperparams(adamx.adam)(learning_rate=1e-2, b1=0.8)
     ref = optax.inject_hyperparams(optax.adam)(learning_rate=1e-2, b1=0.8)
