@@ -243,9 +243,8 @@ def params_like(fn, grads_def, grads, params):
     """:func:`leaves_like` for the params, whose leaves must also have the grads' shapes (weight
     decay and param rounding would otherwise broadcast a param against its update)."""
     leaves = leaves_like(fn, "params", grads_def, grads, params)
-    paths = [path for path, _ in jax.tree_util.tree_flatten_with_path(grads)[0]]
-    for path, g, p in zip(paths, grads_def.flatten_up_to(grads), leaves):
+    for (path, g), p in zip(jax.tree_util.tree_flatten_with_path(grads)[0], leaves):
         if p is not None and np.shape(p) != np.shape(g):
-            raise ValueError(f"{fn}: params{jax.tree_util.keystr(path)} has shape {tuple(np.shape(p))} where "
-                             f"the grads have {tuple(np.shape(g))}")
+            raise ValueError(f"{fn}: params{jax.tree_util.keystr(path)} has shape "
+                             f"{tuple(np.shape(p))} where the grads have {tuple(np.shape(g))}")
     return leaves

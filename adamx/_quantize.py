@@ -87,7 +87,7 @@ def int8_moments(block_size: int = 256, min_size: int = 4096) -> Int8Spec:
     """A storage spec for block-wise 8-bit moments, accepted as ``mu_dtype``/``nu_dtype``.
 
     The string ``"int8"`` means ``int8_moments()``. A moment takes :class:`Int8Blocks`, 1.016
-    bytes per element; leaves with fewer than ``min_size`` elements stay float32.
+    bytes per element; scalars and leaves with fewer than ``min_size`` elements stay float32.
 
     Args:
       block_size: Elements per block sharing one float32 scale: a power of two in [2, 2**30].
@@ -115,8 +115,8 @@ def int4_moments(block_size: int = 32, min_size: int = 4096) -> Int4Spec:
     its last dimension is odd. A second moment takes :class:`Int4Rank1` (0.5 bytes per element
     and a float32 per row and column) if the leaf has rows and columns of at least 2 and no more
     than 1/32 of its size together, else :class:`Int8Blocks` (1-D leaves: a 4-bit linear code per
-    block cost 5% of held-out loss on a regression). Leaves with fewer than ``min_size`` elements
-    stay float32.
+    block cost 5% of held-out loss on a regression). Scalars and leaves with fewer than
+    ``min_size`` elements stay float32.
 
     Args:
       block_size: Elements per block of a first moment: a power of two in [2, 2**30].

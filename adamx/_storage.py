@@ -176,8 +176,8 @@ def check_leaf(fn, where, moment, grad):
 def _what(x):
     """A short description for messages: ``float32[3]`` for an array or tracer, else the type."""
     dtype, shape = getattr(x, "dtype", None), getattr(x, "shape", None)
-    if x is None or dtype is None or shape is None:
-        return repr(x) if x is None else type(x).__name__
+    if dtype is None or shape is None:
+        return "None" if x is None else type(x).__name__
     return f"{dtype}{list(shape)}"
 
 
