@@ -153,19 +153,49 @@ def check_finite_loss(loss, epoch):
                        "try a smaller --learning-rate")
 
 
+def integer(text):
+    """Parses an integer, or raises the one-line `ArgumentTypeError` argparse prints."""
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+
+
 def positive_int(text):
     """Parses a count: an integer >= 1.
 
     >>> positive_int("32")
     32
     """
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    value = integer(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
     return value
+
+
+def int_in_range(low, high):
+    """An argparse type: an integer in [low, high].
+
+    >>> int_in_range(1, 3600)("60")
+    60
+    >>> int_in_range(1, 3600)("0")
+    Traceback (most recent call last):
+    argparse.ArgumentTypeError: must be in [1, 3600], got 0
+    """
+
+    def parse(text):
+        value = integer(text)
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"must be in [{low}, {high}], got {value}")
+        return value
+
+    return parse
+
+
+# A seed feeds jax.random.key and NumPy's default_rng. The key keeps only the low 32 bits while
+# 64-bit mode is off (2**32 gives seed 0's key; from 2**63 on it raises OverflowError), and
+# default_rng refuses negative seeds: in [0, 2**32 - 1] every seed is a run of its own.
+seed_int = int_in_range(0, 2**32 - 1)
 
 
 def epoch_line(num_batches, seconds, metrics):

@@ -10,6 +10,8 @@ Two processes on loopback (start both; each one prints the same lines):
     python examples/data_parallel.py --num-processes 2 --process-id 0 --coordinator 127.0.0.1:8476 &
     python examples/data_parallel.py --num-processes 2 --process-id 1 --coordinator 127.0.0.1:8476
 
+Each process waits at most `--timeout` seconds (default 60) for the coordinator and the others.
+
 The step is one `jax.jit` over a ("data",) mesh of every device: the batch is sharded over "data",
 the params are replicated, and XLA inserts the gradient all-reduce. `--zero1` also splits the Adam
 moments over "data" with `adamx.zero1_shardings`, so each device keeps about 1/N of them. adamx
@@ -18,7 +20,9 @@ has no communication code: JAX's runtime (gloo between CPU processes) does it al
 `main(argv)` returns the final params as NumPy arrays, so tests can call it.
 """
 
+import argparse
 import math
+import socket
 import sys
 import time
 
@@ -29,8 +33,11 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 import adamx
-from _common import (OneLineParser, RunError, check_finite_loss, load_task, output_file, positive_float,
-                     positive_int)
+from _common import (OneLineParser, RunError, check_finite_loss, int_in_range, integer, load_task,
+                     output_file, positive_float, positive_int, seed_int)
+
+DEFAULT_TIMEOUT_S = 60
+MAX_PROCESSES = 65536
 
 
 def init_mlp(key, sizes):
@@ -159,27 +166,97 @@ def train(tx, mesh, data, *, epochs, batch_size, seed=0, zero1=False, max_steps=
     return to_host(params)
 
 
+def split_address(text):
+    """(host, port) of `host:port` (`[::1]:port` for IPv6), the port in [1, 65535]; else None.
+
+    >>> split_address("127.0.0.1:8476"), split_address("nonsense"), split_address("host:0")
+    (('127.0.0.1', 8476), None, None)
+    """
+    host, colon, port = text.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not (colon and host and port.isascii() and port.isdigit() and 1 <= int(port) <= 65535):
+        return None
+    return host, int(port)
+
+
+def coordinator_address(text):
+    """Parses --coordinator: `host:port`, kept as the string `jax.distributed.initialize` takes."""
+    if split_address(text) is None:
+        raise argparse.ArgumentTypeError(
+            f"expected HOST:PORT with a port in [1, 65535], got {text!r}")
+    return text
+
+
+def check_coordinator(address, process_id, timeout):
+    """Raises RunError, within about `timeout` seconds, where JAX could not reach the coordinator.
+
+    `jax.distributed.initialize` does not raise for that: once its `initialization_timeout` runs
+    out, its client ends the whole process with a C++ fatal error and stack trace. So the usual
+    causes are caught here first: a host that does not resolve; for process 0, which serves the
+    coordinator, an address that is not this machine's or a port already taken; for the others, a
+    port where nothing accepts a connection (process 0 starting late is waited for).
+    """
+    host, port = split_address(address)
+    try:
+        family, kind, proto, _, where = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except socket.gaierror as error:
+        raise RunError(f"--coordinator {address}: cannot resolve {host!r} ({error.strerror})") from None
+    if process_id == 0:
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC does
+            try:
+                probe.bind(where)
+            except OSError as error:
+                raise RunError(f"--coordinator {address}: process 0 serves the coordinator but "
+                               f"cannot listen there ({error.strerror})") from None
+        return
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with socket.create_connection(where[:2], timeout=max(deadline - time.monotonic(), 0.1)):
+                return
+        except OSError as error:
+            if time.monotonic() >= deadline:
+                raise RunError(f"--coordinator {address}: nothing answered within {timeout} s "
+                               f"({error.strerror or error}); is process 0 running?") from None
+        time.sleep(0.2)
+
+
 def parse_args(argv):
     """Parses the command line; returns (parser, args)."""
     parser = OneLineParser(prog="data_parallel.py", description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=positive_int, default=10)
     parser.add_argument("--batch-size", type=positive_int, default=128,
-                        help="global batch size, a multiple of the device count")
+                        help="global batch size: a multiple of the device count, at most the "
+                             "number of training rows (default 128)")
     parser.add_argument("--learning-rate", type=positive_float, default=1e-2)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=seed_int, default=0,
+                        help="in [0, 2**32 - 1]: init and data order (default 0)")
     parser.add_argument("--zero1", action="store_true",
                         help="shard the Adam moments over the data axis (ZeRO-1)")
     parser.add_argument("--steps", type=positive_int, default=None,
                         help="stop after this many steps in all")
-    parser.add_argument("--num-processes", type=positive_int, default=1)
-    parser.add_argument("--process-id", type=int, default=0)
-    parser.add_argument("--coordinator", default=None,
-                        help="host:port of process 0, e.g. 127.0.0.1:12355")
+    # JAX takes the process count as a C++ int, and its coordinator keeps state for each process
+    # (2**31 - 1 of them never starts): 65536 is far more processes than this example needs.
+    parser.add_argument("--num-processes", type=int_in_range(1, MAX_PROCESSES), default=1,
+                        help=f"in [1, {MAX_PROCESSES}] (default 1)")
+    parser.add_argument("--process-id", type=integer, default=0,
+                        help="in [0, --num-processes) (default 0)")
+    parser.add_argument("--coordinator", default=None, type=coordinator_address,
+                        help="host:port of process 0, the port in [1, 65535], e.g. 127.0.0.1:12355")
+    parser.add_argument("--timeout", metavar="SECONDS", type=int_in_range(1, 3600), default=None,
+                        help="in [1, 3600]: how long each process waits for the coordinator and "
+                             f"the others (default {DEFAULT_TIMEOUT_S}); JAX itself ends a "
+                             "process 0 whose others never joined")
     parser.add_argument("--save", default=None, metavar="FILE.npz", type=output_file(".npz"),
                         help="process 0 writes the final params to this .npz file")
     args = parser.parse_args(argv)
     if args.num_processes > 1 and args.coordinator is None:
         parser.error("--coordinator is required with --num-processes > 1")
+    for flag, value in (("--coordinator", args.coordinator), ("--timeout", args.timeout)):
+        if args.num_processes == 1 and value is not None:
+            parser.error(f"{flag} applies only with --num-processes > 1")
     if not 0 <= args.process_id < args.num_processes:
         parser.error(f"--process-id must be in [0, {args.num_processes}), got {args.process_id}")
     return parser, args
@@ -190,7 +267,8 @@ def main(argv=None):
 
     Raises:
         SystemExit: with status 2 and one line on stderr, for a bad flag, a batch size the device
-            count does not divide, or a training loss that becomes inf or NaN.
+            count does not divide or larger than the data, a coordinator that cannot be reached,
+            or a training loss that becomes inf or NaN.
     """
     parser, args = parse_args(sys.argv[1:] if argv is None else argv)
     try:
@@ -202,16 +280,24 @@ def main(argv=None):
 def run(args):
     """Trains as the flags say (after joining the other processes); returns the final params."""
     if args.num_processes > 1:
+        timeout = args.timeout or DEFAULT_TIMEOUT_S
+        check_coordinator(args.coordinator, args.process_id, timeout)
         # CPU devices of different processes talk through gloo; set before the backend starts.
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
         jax.distributed.initialize(coordinator_address=args.coordinator,
-                                   num_processes=args.num_processes, process_id=args.process_id)
+                                   num_processes=args.num_processes, process_id=args.process_id,
+                                   initialization_timeout=timeout)
     if args.batch_size % jax.device_count():
         raise RunError(f"--batch-size must be a multiple of the {jax.device_count()} devices, "
                        f"got {args.batch_size}")
+    data = load_task("digits")
+    if args.batch_size > len(data.x_train):
+        # The last partial batch is dropped, so a larger batch would train nothing.
+        raise RunError(f"--batch-size must be at most the {len(data.x_train)} training rows, "
+                       f"got {args.batch_size}")
     mesh = jax.make_mesh((jax.device_count(),), ("data",))
     with jax.set_mesh(mesh):
-        params = train(adamx.adam(args.learning_rate), mesh, load_task("digits"),
+        params = train(adamx.adam(args.learning_rate), mesh, data,
                        epochs=args.epochs, batch_size=args.batch_size, seed=args.seed,
                        zero1=args.zero1, max_steps=args.steps)
     print(f"params checksum: {checksum(params):.10e}")

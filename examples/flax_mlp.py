@@ -14,6 +14,7 @@ Every problem with the flags, the files or the run (a damaged checkpoint, a --re
 flags, a loss that became inf or NaN) ends it with one line on stderr and exit status 2.
 """
 
+import argparse
 import contextlib
 import logging
 import math
@@ -31,7 +32,7 @@ from flax.training import train_state
 
 import adamx
 from _common import (DEFAULT_LEARNING_RATES, OneLineParser, RunError, check_finite_loss, epoch_line,
-                     is_terminal, load_task, output_file, positive_float, positive_int)
+                     is_terminal, load_task, output_file, positive_float, positive_int, seed_int)
 
 OPTIMIZERS = {
     "adam": adamx.adam,
@@ -79,8 +80,11 @@ def make_epoch(num_examples, batch_size, progress=None):
     """Builds `epoch(state, rng, x, y) -> (state, rng, metrics)`, jitted with state and rng donated.
 
     The rows are shuffled with a key split off `rng`; a short last batch is padded and masked, so
-    every row is seen once per epoch and each step averages over its real rows, as Keras does.
+    every row is seen once per epoch and each step averages over its real rows, as Keras does. A
+    batch larger than the data is all of it, one step per epoch, as in Keras's `fit` (and no
+    padding is allocated for rows that do not exist).
     """
+    batch_size = min(batch_size, num_examples)
     num_batches = math.ceil(num_examples / batch_size)
     padded = num_batches * batch_size
 
@@ -277,6 +281,9 @@ def train(data, config, epochs, checkpoints=None, resume=False, quiet=False, say
         if difference:
             raise RunError(f"--resume: the checkpoint in {checkpoints.directory!r} was written "
                            f"with {difference}")
+        if start_epoch > epochs:
+            raise RunError(f"--resume: the checkpoint in {checkpoints.directory!r} is of epoch "
+                           f"{start_epoch}, past --epochs {epochs}")
         state, rng = checkpoints.restore(state, rng)
         history = meta["history"]
         say(f"Resumed from epoch {start_epoch} in {checkpoints.directory}")
@@ -346,21 +353,46 @@ def plot(runs, path, title):
         plt.close(fig)
 
 
+def optimizer_name(text):
+    """Parses --optimizer: a key of `OPTIMIZERS`."""
+    if text not in OPTIMIZERS:
+        raise argparse.ArgumentTypeError(
+            f"unknown optimizer {text!r}; choose from {', '.join(OPTIMIZERS)}")
+    return text
+
+
+def optimizer_names(text):
+    """Parses --compare: distinct optimizer names separated by commas, such as `adam,sgd`."""
+    names = text.split(",")
+    if "" in names:
+        raise argparse.ArgumentTypeError(
+            f"expected optimizer names separated by commas, such as adam,sgd, got {text!r}")
+    repeated = [name for i, name in enumerate(names) if name in names[:i]]
+    if repeated:
+        raise argparse.ArgumentTypeError(f"{repeated[0]!r} is listed twice in {text!r}")
+    return [optimizer_name(name) for name in names]
+
+
 def build_parser():
     parser = OneLineParser(prog="flax_mlp.py", description=__doc__.split("\n")[0])
     parser.add_argument("--task", choices=("digits", "seed"), default="digits",
                         help="digits: sklearn's 8x8 digits; seed: the original Keras example")
-    parser.add_argument("--optimizer", default="adam",
-                        help="one of " + ", ".join(OPTIMIZERS) + " (default adam)")
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument("--optimizer", type=optimizer_name, default="adam",
+                       help="one of " + ", ".join(OPTIMIZERS) + " (default adam)")
     parser.add_argument("--learning-rate", type=positive_float,
                         help="default: Keras's default for the optimizer (1e-3 for Adam)")
     parser.add_argument("--epochs", type=positive_int, help="default: 20 (digits), 50 (seed)")
-    parser.add_argument("--batch-size", type=positive_int, default=32)
-    parser.add_argument("--seed", type=int, default=0, help="init, data order and seed-task data")
+    parser.add_argument("--batch-size", type=positive_int, default=32,
+                        help="rows per step (default 32); one larger than the training set is all "
+                             "of it, one step per epoch, as in Keras's fit")
+    parser.add_argument("--seed", type=seed_int, default=0,
+                        help="in [0, 2**32 - 1]: init, data order and seed-task data (default 0)")
     parser.add_argument("--plot", metavar="FILE.png", type=output_file(*PLOT_SUFFIXES),
                         help="write loss/accuracy curves (.png, .pdf or .svg)")
-    parser.add_argument("--compare", metavar="OPT,OPT,...",
-                        help="train each optimizer from the same init; one curve each")
+    which.add_argument("--compare", metavar="OPT,OPT,...", type=optimizer_names,
+                       help="instead of --optimizer: train each of these distinct optimizers from "
+                            "the same init; one curve each")
     parser.add_argument("--checkpoint-dir", metavar="DIR", help="save a checkpoint every epoch")
     parser.add_argument("--resume", action="store_true", help="continue from --checkpoint-dir")
     parser.add_argument("--quiet", action="store_true", help="print nothing")
@@ -371,10 +403,9 @@ def parse(argv):
     """Parses and cross-checks flags; every problem is one `parser.error` line (exit status 2)."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    names = args.compare.split(",") if args.compare else [args.optimizer]
-    unknown = [name for name in names if name not in OPTIMIZERS]
-    if unknown:
-        parser.error(f"unknown optimizer {unknown[0]!r}; choose from {', '.join(OPTIMIZERS)}")
+    names = args.compare or [args.optimizer]
+    if args.checkpoint_dir == "":
+        parser.error("--checkpoint-dir: expected a directory name, got ''")
     if args.compare and (args.checkpoint_dir or args.resume):
         parser.error("--checkpoint-dir/--resume apply to a single --optimizer run, not --compare")
     if args.resume and not args.checkpoint_dir:
@@ -428,7 +459,7 @@ def train_one(args, name, data, checkpoints, say):
     layers = "-".join(str(n) for n in (data.x_train.shape[1], *data.hidden, data.num_classes))
     say(f"{args.task}: {len(data.x_train)} train / {len(data.x_test)} test rows, "
         f"MLP {layers}, {name}(learning_rate={config['learning_rate']:g}), "
-        f"{epochs} epochs, batch {args.batch_size}")
+        f"{epochs} epochs, batch {min(args.batch_size, len(data.x_train))}")
     try:
         result = train(data, config, epochs, checkpoints, args.resume, args.quiet, say)
     except RunError as error:

@@ -18,7 +18,7 @@ from flax import nnx
 
 import adamx
 from _common import (OneLineParser, RunError, check_finite_loss, epoch_line, load_task, positive_float,
-                     positive_int)
+                     positive_int, seed_int)
 
 
 class MLP(nnx.Module):
@@ -58,8 +58,11 @@ def build_parser():
     parser = OneLineParser(prog="flax_nnx_mlp.py", description=__doc__.split("\n")[0])
     parser.add_argument("--learning-rate", type=positive_float, default=1e-3)
     parser.add_argument("--epochs", type=positive_int, default=20)
-    parser.add_argument("--batch-size", type=positive_int, default=32)
-    parser.add_argument("--seed", type=int, default=0, help="init and data order")
+    parser.add_argument("--batch-size", type=positive_int, default=32,
+                        help="rows per step (default 32); one larger than the training set is all "
+                             "of it, one step per epoch, as in Keras's fit")
+    parser.add_argument("--seed", type=seed_int, default=0,
+                        help="in [0, 2**32 - 1]: init and data order (default 0)")
     parser.add_argument("--quiet", action="store_true", help="print nothing")
     return parser
 
@@ -95,9 +98,10 @@ def train(args):
     order_rng = np.random.default_rng(args.seed + 1)
     x_test, y_test = jnp.asarray(data.x_test), jnp.asarray(data.y_test)
     n = len(data.x_train)
-    starts = range(0, n, args.batch_size)
+    batch_size = min(args.batch_size, n)  # a larger batch is all rows, as in Keras's fit
+    starts = range(0, n, batch_size)
     say(f"digits (NNX): {n} train / {len(data.x_test)} test rows, "
-        f"adam(learning_rate={args.learning_rate:g}), {args.epochs} epochs, batch {args.batch_size}")
+        f"adam(learning_rate={args.learning_rate:g}), {args.epochs} epochs, batch {batch_size}")
     history = {"loss": [], "accuracy": [], "val_loss": [], "val_accuracy": []}
     epoch_times = []
     step = nnx.cached_partial(train_step, model, optimizer)
@@ -107,7 +111,7 @@ def train(args):
         tic = time.perf_counter()
         loss_sum, correct = 0.0, 0
         for start in starts:
-            rows = order[start:start + args.batch_size]
+            rows = order[start:start + batch_size]
             loss, hits = step(data.x_train[rows], data.y_train[rows])
             loss_sum += float(loss) * len(rows)
             correct += int(hits)

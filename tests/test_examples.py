@@ -35,6 +35,7 @@ sys.path.insert(0, str(EXAMPLES))
 import data_parallel  # noqa: E402
 import flax_mlp  # noqa: E402
 import flax_nnx_mlp  # noqa: E402
+import quickstart  # noqa: E402
 
 TIMEOUT_S = 240
 
@@ -333,3 +334,212 @@ def test_resume_with_another_task_exits_with_one_line(checkpoint, tmp_path, capf
     shutil.copytree(checkpoint, directory)
     main_fails(flax_mlp.main, ["--epochs", "2", "--checkpoint-dir", str(directory), "--resume"],
                capfd, "flax_mlp.py", "was written with --task seed, not digits")
+
+
+# Fuzzed flags: a seed, a batch size, an optimizer list, a directory, a step count or an address
+# that the code cannot use is one line and exit status 2; a value it can use does what Keras does.
+
+SHORT_RUNS = [(flax_mlp.main, "flax_mlp.py", ["--task", "seed", "--epochs", "1", "--quiet"]),
+              (flax_nnx_mlp.main, "flax_nnx_mlp.py", ["--epochs", "1", "--quiet"]),
+              (data_parallel.main, "data_parallel.py", ["--epochs", "1", "--steps", "1"]),
+              (quickstart.main, "quickstart.py", ["--steps", "1"])]
+
+
+def test_seed_range_is_where_jax_random_key_and_default_rng_give_a_run_of_its_own():
+    """The reason for [0, 2**32 - 1], checked against this JAX and NumPy (64-bit mode off)."""
+    def key_data(seed):
+        return jax.random.key_data(jax.random.key(seed)).tolist()
+
+    assert key_data(2**32) == key_data(0)  # past the range a seed is another seed's run
+    assert key_data(2**32 - 1) != key_data(0)
+    with pytest.raises(OverflowError):
+        jax.random.key(2**70)
+    with pytest.raises(ValueError, match="non-negative"):
+        np.random.default_rng(-1)
+
+
+@pytest.mark.parametrize("seed", [-1, 2**32, 2**70])
+@pytest.mark.parametrize("main, prog, flags", SHORT_RUNS)
+def test_seed_outside_0_to_2_to_the_32_is_rejected_naming_flag_range_and_value(main, prog, flags, seed,
+                                                                                 capfd):
+    main_fails(main, [*flags, "--seed", str(seed)], capfd, prog, "argument --seed", "[0, 4294967295]",
+               f"got {seed}")
+
+
+def test_largest_seed_is_accepted_and_trains():
+    """The top of the range, and `seed + 1` (the data-order key) past it, both work."""
+    run = flax_mlp.main(["--task", "seed", "--epochs", "1", "--quiet", "--seed", str(2**32 - 1)])
+    assert run["config"]["seed"] == 2**32 - 1 and math.isfinite(run["history"]["loss"][0])
+
+
+def optax_full_batch_adam_step(data, learning_rate, seed):
+    """The params after one optax.adam step on the mean loss over every training row (the oracle)."""
+    state = flax_mlp.create_state(data, "adam", learning_rate, seed)
+
+    def loss_fn(params):
+        loss, _ = flax_mlp.per_example(state.apply_fn({"params": params}, data.x_train), data.y_train)
+        return loss.mean()
+
+    tx = optax.adam(learning_rate)
+    grads = jax.grad(loss_fn)(state.params)
+    updates, _ = tx.update(grads, tx.init(state.params), state.params)
+    return optax.apply_updates(state.params, updates)
+
+
+@pytest.mark.parametrize("batch_size", [1000, 1001, 10**12])
+def test_linen_batch_of_the_whole_set_or_more_is_one_full_batch_step_per_epoch_as_in_keras(batch_size):
+    """The seed task has 1000 training rows; Keras's fit takes a larger batch as all of them."""
+    run = flax_mlp.main(["--task", "seed", "--epochs", "1", "--quiet", "--batch-size", str(batch_size)])
+    assert run["num_batches"] == 1
+    oracle = optax_full_batch_adam_step(flax_mlp.load_task("seed"), 1e-3, seed=0)
+    for got, want in zip(jax.tree.leaves(run["params"]), jax.tree.leaves(oracle)):
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
+
+
+def test_nnx_batch_larger_than_the_data_trains_as_the_whole_set():
+    rows = len(flax_nnx_mlp.load_task("digits").x_train)
+    whole = flax_nnx_mlp.main(["--epochs", "2", "--quiet", "--batch-size", str(rows)])
+    larger = flax_nnx_mlp.main(["--epochs", "2", "--quiet", "--batch-size", str(10**12)])
+    assert larger["history"] == whole["history"]
+
+
+def test_data_parallel_batch_larger_than_the_data_is_rejected(capfd):
+    """It drops the last partial batch, so a batch larger than the data would train nothing."""
+    rows = len(data_parallel.load_task("digits").x_train)
+    out, _ = main_fails(data_parallel.main, ["--epochs", "1", "--batch-size", str(rows + 1)], capfd,
+                        "data_parallel.py",
+                        f"--batch-size must be at most the {rows} training rows, got {rows + 1}")
+    assert "params checksum" not in out
+
+
+@pytest.mark.parametrize("value, message", [
+    ("", "expected optimizer names separated by commas, such as adam,sgd, got ''"),
+    ("adam,,sgd", "expected optimizer names separated by commas, such as adam,sgd, got 'adam,,sgd'"),
+    ("adam,", "expected optimizer names separated by commas, such as adam,sgd, got 'adam,'"),
+    ("adam,sgd,adam", "'adam' is listed twice in 'adam,sgd,adam'"),
+    ("adam, sgd", "unknown optimizer ' sgd'"),
+])
+def test_compare_list_that_is_empty_or_malformed_is_rejected(value, message, capfd):
+    out, _ = main_fails(flax_mlp.main, ["--task", "seed", "--epochs", "1", "--compare", value], capfd,
+                        "flax_mlp.py", "argument --compare: " + message)
+    assert out == ""
+
+
+def test_compare_with_optimizer_is_rejected_rather_than_ignoring_optimizer(capfd):
+    main_fails(flax_mlp.main, ["--task", "seed", "--epochs", "1", "--optimizer", "sgd",
+                               "--compare", "adam,rmsprop"], capfd, "flax_mlp.py",
+               "argument --compare: not allowed with argument --optimizer")
+
+
+def test_empty_checkpoint_dir_is_rejected_rather_than_saving_nothing(capfd):
+    main_fails(flax_mlp.main, ["--task", "seed", "--epochs", "1", "--checkpoint-dir", ""], capfd,
+               "flax_mlp.py", "--checkpoint-dir: expected a directory name, got ''")
+
+
+def test_resume_from_a_checkpoint_past_epochs_is_rejected(tmp_path, capfd):
+    directory = tmp_path / "run"
+    flax_mlp.main([*SEED_RUN, "--checkpoint-dir", str(directory)])
+    main_fails(flax_mlp.main, ["--task", "seed", "--epochs", "1", "--checkpoint-dir", str(directory),
+                               "--resume"], capfd, "flax_mlp.py",
+               f"the checkpoint in {str(directory)!r} is of epoch 2, past --epochs 1")
+    assert sorted(os.listdir(directory)) == ["1", "2"]
+
+
+def test_quickstart_ends_at_the_least_squares_fit():
+    run = quickstart.main([])
+    x = np.hstack([run["x"], np.ones((len(run["x"]), 1))]).astype(np.float64)
+    oracle = np.linalg.lstsq(x, run["y"].astype(np.float64), rcond=None)[0]
+    np.testing.assert_allclose(run["params"]["w"], oracle[:-1], rtol=0, atol=1e-4)
+    np.testing.assert_allclose(run["params"]["b"], oracle[-1], rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--bogus"], "unrecognized arguments: --bogus"),
+    (["300"], "unrecognized arguments: 300"),
+    (["--steps", "0"], "argument --steps: must be >= 1, got 0"),
+    (["--steps", "nan"], "argument --steps: expected an integer, got 'nan'"),
+    (["--learning-rate", "nan"], "argument --learning-rate: must be in [1.18e-38, 3.4e+38]"),
+    (["--learning-rate", ""], "argument --learning-rate: expected a number, got ''"),
+])
+def test_quickstart_bad_flag_exits_2_with_one_line(flags, message, capfd):
+    out, _ = main_fails(quickstart.main, flags, capfd, "quickstart.py", message)
+    assert out == ""
+
+
+def test_quickstart_non_finite_loss_stops_at_the_step_it_printed(capfd):
+    out, err = main_fails(quickstart.main, ["--learning-rate", "1e30", "--steps", "100"], capfd,
+                          "quickstart.py", "the loss is non-finite")
+    step = next(int(i) for i, loss in re.findall(r"step +(\d+) +loss (\S+)", out)
+                if not math.isfinite(float(loss)))
+    assert f"at step {step};" in err, err
+
+
+@pytest.fixture
+def no_distributed_initialize(monkeypatch):
+    """Fails a test that reaches jax.distributed.initialize, which would abort this process."""
+    def initialize(**kwargs):
+        pytest.fail(f"jax.distributed.initialize was reached with {kwargs}")
+
+    monkeypatch.setattr(jax.distributed, "initialize", initialize)
+
+
+TWO_PROCESSES = ["--num-processes", "2", "--epochs", "1", "--steps", "1"]
+
+
+@pytest.mark.parametrize("address", ["nonsense", "127.0.0.1", "127.0.0.1:0", "127.0.0.1:65536",
+                                     ":8476", "127.0.0.1:http", "127.0.0.1:-1", ""])
+def test_malformed_coordinator_is_rejected_before_jax_is_asked(address, capfd, no_distributed_initialize):
+    main_fails(data_parallel.main, [*TWO_PROCESSES, "--process-id", "1", "--coordinator", address],
+               capfd, "data_parallel.py", "argument --coordinator: expected HOST:PORT with a port in "
+               f"[1, 65535], got {address!r}")
+
+
+@pytest.mark.parametrize("flags", [["--coordinator", "127.0.0.1:8476"], ["--timeout", "5"]])
+def test_multi_process_flag_with_one_process_is_rejected_rather_than_ignored(flags, capfd):
+    main_fails(data_parallel.main, ["--epochs", "1", "--steps", "1", *flags], capfd, "data_parallel.py",
+               f"{flags[0]} applies only with --num-processes > 1")
+
+
+@pytest.mark.parametrize("count", [0, 65537, 2**31])
+def test_process_count_outside_1_to_65536_is_rejected(count, capfd, no_distributed_initialize):
+    """JAX takes it as a C++ int (2**31 raises TypeError), and 2**31 - 1 processes never start."""
+    main_fails(data_parallel.main, ["--num-processes", str(count), "--coordinator", "127.0.0.1:8476"],
+               capfd, "data_parallel.py", "argument --num-processes: must be in [1, 65536]",
+               f"got {count}")
+
+
+@pytest.mark.parametrize("value", ["0", "3601", "nan"])
+def test_timeout_outside_1_to_3600_seconds_is_rejected(value, capfd, no_distributed_initialize):
+    main_fails(data_parallel.main, [*TWO_PROCESSES, "--coordinator", "127.0.0.1:8476",
+                                    "--timeout", value], capfd, "data_parallel.py", "argument --timeout")
+
+
+def test_coordinator_host_that_does_not_resolve_is_one_line(capfd, no_distributed_initialize):
+    main_fails(data_parallel.main, [*TWO_PROCESSES, "--process-id", "1", "--coordinator",
+                                    "no-such-host.invalid:8476"], capfd, "data_parallel.py",
+               "--coordinator no-such-host.invalid:8476: cannot resolve 'no-such-host.invalid'")
+
+
+def test_process_0_on_an_address_it_cannot_serve_is_one_line(capfd, no_distributed_initialize):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        # 192.0.2.1 is TEST-NET-1, documentation only: never an address of this machine.
+        for address in (f"127.0.0.1:{port}", "192.0.2.1:8476"):
+            main_fails(data_parallel.main, [*TWO_PROCESSES, "--process-id", "0", "--coordinator",
+                                            address], capfd, "data_parallel.py",
+                       f"--coordinator {address}: process 0 serves the coordinator but cannot listen")
+
+
+def test_coordinator_nobody_listens_on_fails_within_the_timeout_with_one_line():
+    """JAX's own default waits 300 s, then aborts the process with a C++ stack trace."""
+    address = f"127.0.0.1:{free_port()}"
+    start = time.monotonic()
+    proc = subprocess.run([sys.executable, str(EXAMPLES / "data_parallel.py"), *TWO_PROCESSES,
+                           "--process-id", "1", "--coordinator", address, "--timeout", "2"],
+                          capture_output=True, text=True, timeout=60)
+    elapsed = time.monotonic() - start
+    assert_one_line_error(proc.returncode, proc.stderr, "data_parallel.py",
+                          f"--coordinator {address}: nothing answered within 2 s")
+    assert 2 <= elapsed < 20, elapsed  # the wait, plus starting Python and importing JAX
