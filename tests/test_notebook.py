@@ -11,6 +11,7 @@ import pathlib
 import re
 import subprocess
 import sys
+import textwrap
 
 import ipykernel  # noqa: F401  (the kernel the notebook runs in)
 import nbclient
@@ -87,6 +88,78 @@ def test_install_cell_uses_the_checkout_it_runs_in(monkeypatch):
     calls = run_install_cell(install_cell_source(), NOTEBOOK.parent, monkeypatch)
     assert calls == []
     assert sys.path[0] == str(NOTEBOOK.parents[1])
+
+
+# A package named adamx planted where the notebook runs must never be imported: the install cell
+# uses only the checkout the notebook belongs to.
+
+IMPORT_AFTER_THE_CELL = textwrap.dedent("""
+    import sys
+    try:
+        exec(compile(sys.stdin.read(), "install cell", "exec"), {})
+    except RuntimeError as error:  # the placeholder owner: adamx is neither here nor installed
+        print("stopped:", error)
+    try:
+        import adamx
+        print("imported adamx")
+    except ModuleNotFoundError:
+        print("no adamx")
+""")
+
+
+def plant_adamx(directory, marker, project="adamx"):
+    """An adamx/ package in `directory` that writes `marker` when imported, beside a pyproject.toml."""
+    (directory / "adamx").mkdir(parents=True)
+    (directory / "adamx" / "__init__.py").write_text(
+        f"import pathlib\npathlib.Path({str(marker)!r}).write_text({str(directory)!r})\n")
+    (directory / "pyproject.toml").write_text(f'[project]\nname = "{project}"\n')
+
+
+def import_after_install_cell(cwd):
+    """Runs the install cell, then `import adamx`, from `cwd`, in a Python with no site-packages
+    (so with no adamx installed, as on a fresh machine) and a fresh import system; its stdout."""
+    proc = subprocess.run([sys.executable, "-S", "-E", "-c", IMPORT_AFTER_THE_CELL],
+                          input=install_cell_source(), cwd=cwd, capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout
+
+
+def shared(directory):
+    """`directory`, made writable by every user with the sticky bit, like /tmp."""
+    directory.mkdir(parents=True, exist_ok=True)
+    directory.chmod(0o1777)
+    return directory
+
+
+@pytest.mark.parametrize("layout", ["shared_parent", "shared_parent_of_notebooks", "ancestor",
+                                    "another_project"])
+def test_install_cell_never_imports_a_package_planted_outside_its_checkout(tmp_path, layout):
+    marker = tmp_path / "planted-adamx-was-imported"
+    if layout == "shared_parent":  # /tmp/adamx planted, the notebook run from /tmp/x
+        plant_adamx(shared(tmp_path / "tmp"), marker)
+        cwd = tmp_path / "tmp" / "x"
+    elif layout == "shared_parent_of_notebooks":  # the same, with the notebook in /tmp/notebooks
+        plant_adamx(shared(tmp_path / "tmp"), marker)
+        cwd = tmp_path / "tmp" / "notebooks"
+    elif layout == "ancestor":  # planted two levels above notebooks/
+        plant_adamx(tmp_path, marker)
+        cwd = tmp_path / "work" / "notebooks"
+    else:  # notebooks/ beside a package named adamx of a project with another name
+        plant_adamx(tmp_path, marker, project="not-adamx")
+        cwd = tmp_path / "notebooks"
+    cwd.mkdir(parents=True)
+    assert import_after_install_cell(cwd).splitlines()[-1] == "no adamx"
+    assert not marker.exists()
+
+
+def test_install_cell_imports_the_checkout_its_notebooks_directory_sits_in(tmp_path):
+    marker = tmp_path / "checkout-adamx-was-imported"
+    plant_adamx(tmp_path / "checkout", marker)
+    (tmp_path / "checkout" / "notebooks").mkdir()
+    assert import_after_install_cell(tmp_path / "checkout" / "notebooks").splitlines() == [
+        "imported adamx"]
+    assert marker.read_text() == str(tmp_path / "checkout")
 
 
 def test_notebook_runs_top_to_bottom_in_a_fresh_kernel():
