@@ -11,13 +11,12 @@ Example:
   Array([0.99, 1.99], dtype=float32)
 """
 
-from adamx._checks import check_hyperparams
+from adamx._formats import Int4Blocks, Int4Rank1, Int8Blocks
 from adamx._fused import apply, kernel_available
+from adamx._migrate import from_optax, to_optax
+from adamx._options import check_hyperparams
 from adamx._quantize import (
-    Int4Blocks,
-    Int4Rank1,
     Int4Spec,
-    Int8Blocks,
     Int8Spec,
     dequantize,
     dequantize_state,
@@ -27,7 +26,18 @@ from adamx._quantize import (
 )
 from adamx._sharding import host_offload_shardings, zero1_shardings
 from adamx._state import AdamState, init
-from adamx._transforms import adam, adamax, adamw, amsgrad, nadam, nadamw, scale_by_adam
+from adamx._transforms import (
+    adam,
+    adamax,
+    adamaxw,
+    adamw,
+    amsgrad,
+    nadam,
+    nadamw,
+    scale_by_adam,
+    scale_by_adamax,
+    scale_by_amsgrad,
+)
 from adamx._update import update
 
 __version__ = "0.1.0"
@@ -41,12 +51,14 @@ __all__ = [
     "Int8Spec",
     "adam",
     "adamax",
+    "adamaxw",
     "adamw",
     "amsgrad",
     "apply",
     "check_hyperparams",
     "dequantize",
     "dequantize_state",
+    "from_optax",
     "host_offload_shardings",
     "init",
     "int4_moments",
@@ -56,6 +68,9 @@ __all__ = [
     "nadamw",
     "quantize",
     "scale_by_adam",
+    "scale_by_adamax",
+    "scale_by_amsgrad",
+    "to_optax",
     "update",
     "zero1_shardings",
 ]

@@ -1,190 +1,100 @@
-"""Argument checks whose messages name the call, the argument, the allowed range and the value.
+"""Argument and structure checks whose messages name the call, the argument, the allowed range and
+the value, or the key path where a tree differs.
 
-Concrete values (Python numbers, NumPy values, concrete JAX arrays of any real dtype, bfloat16
-included) are checked when a transformation is built or a pure function is called. Tracers are
-not forced to a value; :func:`check_hyperparams` checks them in a step run under
-``jax.experimental.checkify``.
+Concrete values (Python numbers, NumPy values, concrete JAX arrays of any real dtype) are checked
+when a transformation is built or a pure function is called. A tracer's value is not forced: only
+its shape and dtype are checked here (:func:`adamx.check_hyperparams` checks values under
+``jax.experimental.checkify``).
 """
 
-import math
 import numbers
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.experimental import checkify
 
 # Concrete hyperparameters must be finite in float32, the narrowest dtype the math runs in:
 # ``learning_rate=1e39`` is a finite float64 but an infinite step.
-_F32_MAX = float(np.finfo(np.float32).max)
+F32_MAX = float(np.finfo(np.float32).max)
 
 
-def is_traced(value):
+def is_traced(value: Any) -> bool:
     return isinstance(value, jax.core.Tracer)
 
 
-def concrete_float(fn, name, value):
-    """Returns ``value`` as a Python float, or None for a tracer; raises TypeError otherwise.
+def short(x: Any) -> str:
+    """A short description for messages: ``float32[3]`` for an array or tracer, else the type."""
+    dtype, shape = getattr(x, "dtype", None), getattr(x, "shape", None)
+    if dtype is None or shape is None:
+        return "None" if x is None else type(x).__name__
+    return f"{dtype}{list(shape)}"
 
-    A tracer's value is unknown, but its shape and dtype are not: they are checked too.
+
+def _real_scalar(fn, name, value, kinds, words):
+    """Checks a tracer's or an array's shape and dtype; returns whether ``value`` is traced."""
+    dtype = getattr(value, "dtype", None)
+    if dtype is None or getattr(value, "shape", None) != () or not any(
+            jnp.issubdtype(dtype, kind) for kind in kinds):
+        got = f"a traced {short(value)}" if is_traced(value) else repr(value)
+        raise TypeError(f"{fn}: {name} must be {words}, got {got}")
+    return is_traced(value)
+
+
+def concrete_float(fn: str, name: str, value: Any):
+    """``value`` as a Python float, or None for a (real scalar) tracer.
+
+    Raises:
+      TypeError: If ``value`` is not a real number or real scalar array (bools and strings are not).
     """
-    if is_traced(value):
-        aval = jax.typeof(value)
-        if aval.shape != () or not (jnp.issubdtype(aval.dtype, jnp.floating)
-                                    or jnp.issubdtype(aval.dtype, jnp.integer)):
-            raise TypeError(f"{fn}: {name} must be a real scalar, got a traced "
-                            f"{aval.str_short()}")
-        return None
     if value is None or isinstance(value, (bool, np.bool_, str, bytes)):
         raise TypeError(f"{fn}: {name} must be a real number, got {value!r}")
     if isinstance(value, numbers.Real):
         return float(value)
-    dtype = getattr(value, "dtype", None)
-    if dtype is None or getattr(value, "shape", None) != () or not (
-            jnp.issubdtype(dtype, jnp.floating) or jnp.issubdtype(dtype, jnp.integer)):
-        raise TypeError(f"{fn}: {name} must be a real scalar, got {value!r}")
+    if _real_scalar(fn, name, value, (jnp.floating, jnp.integer), "a real scalar"):
+        return None
     return float(np.asarray(value, np.float64))
 
 
-def _check_finite_f32(fn, name, value, x):
-    if abs(x) > _F32_MAX:
-        raise ValueError(f"{fn}: {name} must be finite in float32 (at most {_F32_MAX:.4g}), "
-                         f"got {value!r}")
+def concrete_integer(fn: str, name: str, value: Any):
+    """``value`` as a Python int, or None for an integer scalar tracer.
+
+    Raises:
+      TypeError: If ``value`` is not an integer or an integer scalar array.
+    """
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (numbers.Integral, np.integer,
+                                                                      jax.Array, np.ndarray)):
+        raise TypeError(f"{fn}: {name} must be an integer, got {value!r}")
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if _real_scalar(fn, name, value, (jnp.integer,), "an integer scalar"):
+        return None
+    return int(np.asarray(value))
 
 
-def check_in_unit_interval(fn, **values):
-    """Checks that each value lies in [0, 1): a decay rate of 1 divides by zero in 1 - b**t."""
-    for name, value in values.items():
-        x = concrete_float(fn, name, value)
-        if x is not None and not 0.0 <= x < 1.0:
-            hint = ""
-            if x == 1.0 and getattr(value, "dtype", None) in (jnp.bfloat16, jnp.float16):
-                hint = (f": a decay rate like 0.999 rounds to 1 in {value.dtype}; keep it in "
-                        "float32 (optax.inject_hyperparams(..., hyperparam_dtype=jnp.float32))")
-            raise ValueError(f"{fn}: {name} must be in [0, 1), got {value!r}{hint}")
+def check_bool(fn: str, name: str, value: Any) -> None:
+    """Checks that a static option is a real Python (or NumPy) bool."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{fn}: {name} must be True or False, got {value!r}")
 
 
-def check_non_negative(fn, **values):
-    """Checks that each value is >= 0 and finite in float32 (NaN fails)."""
-    for name, value in values.items():
-        x = concrete_float(fn, name, value)
-        if x is None:
-            continue
-        if not 0.0 <= x < math.inf:
-            raise ValueError(f"{fn}: {name} must be finite and >= 0, got {value!r}")
-        _check_finite_f32(fn, name, value, x)
-
-
-def check_rate(fn, name, value):
-    """Checks a learning rate or weight decay: a schedule (a callable of the step count), or a
-    finite number >= 0."""
-    if callable(value):
-        return
-    if value is None:
-        raise TypeError(f"{fn}: {name} must be a number, an array or a schedule, got None")
-    check_non_negative(fn, **{name: value})
-
-
-def scheduled(fn, name, value, count):
-    """``value`` at the step whose count (before the step) is ``count``: a schedule is called,
-    as optax calls it, and what it returns is checked as a number passed directly would be."""
-    if not callable(value):
-        return value
-    value = value(count)
-    if value is None:
-        raise TypeError(f"{fn}: the {name} schedule returned None; it must return a real scalar")
-    check_non_negative(fn, **{f"{name} (the schedule's value)": value})
-    return value
-
-
-def check_bool(fn, **values):
-    """Checks that static options are real Python bools."""
-    for name, value in values.items():
-        if not isinstance(value, (bool, np.bool_)):
-            raise TypeError(f"{fn}: {name} must be True or False, got {value!r}")
-
-
-def check_choice(fn, name, value, choices):
+def check_choice(fn: str, name: str, value: Any, choices: tuple) -> None:
     """Checks that ``value`` is one of the strings ``choices``."""
     if not isinstance(value, str) or value not in choices:
         shown = ", ".join(repr(c) for c in choices)
         raise ValueError(f"{fn}: {name} must be one of {shown}, got {value!r}")
 
 
-def check_seed(fn, seed):
+def check_seed(fn: str, name: str, value: Any) -> None:
     """Checks a seed: an integer in [0, 2**32), or a traced integer scalar."""
-    if is_traced(seed):
-        return
-    if isinstance(seed, (bool, np.bool_)) or not isinstance(seed, (numbers.Integral, np.integer)):
-        dtype = getattr(seed, "dtype", None)
-        if dtype is None or getattr(seed, "shape", None) != () or not jnp.issubdtype(dtype,
-                                                                                      jnp.integer):
-            raise TypeError(f"{fn}: seed must be an integer, got {seed!r}")
-    if not 0 <= int(seed) < 2**32:
-        raise ValueError(f"{fn}: seed must be in [0, 2**32), got {seed!r}")
+    x = concrete_integer(fn, name, value)
+    if x is not None and not 0 <= x < 2**32:
+        raise ValueError(f"{fn}: {name} must be in [0, 2**32), got {value!r}")
 
 
-def check_hyperparams(
-    *,
-    learning_rate: Any = None,
-    b1: Any = None,
-    b2: Any = None,
-    eps: Any = None,
-    eps_root: Any = None,
-    weight_decay: Any = None,
-    count: Any = None,
-) -> None:
-    """Checks hyperparameters that may be traced, for a step run under ``checkify.checkify``.
+# ---- tree structure ------------------------------------------------------------------------------
 
-    adamx checks every concrete hyperparameter when a transformation is built or
-    :func:`adamx.update` is called. A value passed into a jitted step is a tracer there and
-    cannot be checked without a host round trip, so a bad one (``b2=1.0``) gives NaN params.
-    Call this inside the step, wrapped in ``jax.experimental.checkify.checkify``, to get the
-    same checks on traced values: the returned error then names the argument and its value.
-    Concrete values are checked at once (and raise ``ValueError``); None skips an argument.
-
-    Args:
-      learning_rate, b1, b2, eps, eps_root, weight_decay: As in :func:`adamx.update`.
-      count: A state's step count (``state.count``), which must be >= 0.
-
-    Raises:
-      ValueError: For a concrete value out of range.
-
-    Example:
-      >>> import jax, jax.numpy as jnp, adamx
-      >>> from jax.experimental import checkify
-      >>> def step(b2):
-      ...     adamx.check_hyperparams(b2=b2)
-      ...     return adamx.update(jnp.ones(2), adamx.init(jnp.ones(2)), learning_rate=0.1, b2=b2)[0]
-      >>> error, _ = jax.jit(checkify.checkify(step))(1.0)
-      >>> print(error.get())  # doctest: +ELLIPSIS
-      adamx.check_hyperparams: b2 must be in [0, 1), got 1.0 (`check` failed)...
-    """
-    fn = "adamx.check_hyperparams"
-    given = {k: v for k, v in dict(learning_rate=learning_rate, b1=b1, b2=b2, eps=eps,
-                                   eps_root=eps_root, weight_decay=weight_decay).items()
-             if v is not None}
-    concrete = {k: v for k, v in given.items() if not is_traced(v)}
-    check_in_unit_interval(fn, **{k: v for k, v in concrete.items() if k in ("b1", "b2")})
-    check_non_negative(fn, **{k: v for k, v in concrete.items() if k not in ("b1", "b2")})
-    for name, value in given.items():
-        if not is_traced(value):
-            continue
-        if name in ("b1", "b2"):
-            checkify.check((value >= 0) & (value < 1), f"{fn}: {name} must be in [0, 1), got {{}}",
-                           value)
-        else:
-            ok = (value >= 0) & jnp.isfinite(jnp.asarray(value, jnp.float32))
-            checkify.check(ok, f"{fn}: {name} must be finite and >= 0, got {{}}", value)
-    if count is not None:
-        if is_traced(count):
-            checkify.check(count >= 0, f"{fn}: state.count must be >= 0, got {{}}", count)
-        elif int(count) < 0:
-            raise ValueError(f"{fn}: state.count must be >= 0, got {int(count)}")
-
-
-def describe(path):
+def keystr(path: tuple) -> str:
     return jax.tree_util.keystr(path) or "<root>"
 
 
@@ -193,7 +103,7 @@ def _children(node):
     return jax.tree_util.tree_flatten_with_path(node, is_leaf=lambda x: x is not node)[0]
 
 
-def first_difference(grads, tree, where, path=()):
+def first_difference(grads: Any, tree: Any, where: str, path: tuple = ()):
     """The first place (depth first) where ``tree`` does not have the grads' structure, or None.
 
     Every leaf of ``grads`` may stand against any subtree of ``tree`` (a stored moment may be a
@@ -202,23 +112,23 @@ def first_difference(grads, tree, where, path=()):
     """
     if grads is not None and jax.tree_util.treedef_is_leaf(jax.tree.structure(grads)):
         return None
-    at = describe(path)
     if type(grads) is not type(tree):
-        return (f"at {at} grads have a {type(grads).__name__} where {where} has a "
+        return (f"at {keystr(path)} grads have a {type(grads).__name__} where {where} has a "
                 f"{type(tree).__name__}")
     g_items, t_items = _children(grads), _children(tree)
-    g_keys = [describe(path + k) for k, _ in g_items]
-    t_keys = [describe(path + k) for k, _ in t_items]
+    g_keys = [keystr(path + k) for k, _ in g_items]
+    t_keys = [keystr(path + k) for k, _ in t_items]
     for g_key, t_key in zip(g_keys, t_keys):
         if g_key != t_key:
             return f"grads have {g_key} where {where} has {t_key}"
-    if len(g_keys) != len(t_keys):
-        if len(g_keys) > len(t_keys):
-            return f"only the grads have {g_keys[len(t_keys)]}"
+    if len(g_keys) > len(t_keys):
+        return f"only the grads have {g_keys[len(t_keys)]}"
+    if len(g_keys) < len(t_keys):
         return f"only {where} has {t_keys[len(g_keys)]}"
     one_level = [jax.tree.structure(x, is_leaf=lambda y, x=x: y is not x) for x in (grads, tree)]
     if one_level[0] != one_level[1]:
-        return f"at {at} grads and {where} differ in the static fields of a {type(grads).__name__}"
+        return (f"at {keystr(path)} grads and {where} differ in the static fields of a "
+                f"{type(grads).__name__}")
     for (key, g), (_, t) in zip(g_items, t_items):
         found = first_difference(g, t, where, path + key)
         if found is not None:
@@ -226,11 +136,11 @@ def first_difference(grads, tree, where, path=()):
     return None
 
 
-def leaves_like(fn, where, grads_def, grads, tree):
+def leaves_like(fn: str, where: str, grads_def: Any, grads: Any, tree: Any) -> list:
     """``tree`` cut at the leaves of ``grads``: one entry (a subtree, or None) per grad leaf.
 
     Raises:
-      ValueError: naming ``where`` and the first key path where ``tree`` differs from ``grads``.
+      ValueError: Naming ``where`` and the first key path where ``tree`` differs from ``grads``.
     """
     try:
         return grads_def.flatten_up_to(tree)
@@ -239,11 +149,11 @@ def leaves_like(fn, where, grads_def, grads, tree):
         raise ValueError(f"{fn}: grads and {where} differ in tree structure: {found}") from None
 
 
-def params_like(fn, grads_def, grads, params):
+def params_like(fn: str, grads_def: Any, grads: Any, params: Any, paths: list) -> list:
     """:func:`leaves_like` for the params, whose leaves must also have the grads' shapes (weight
     decay and param rounding would otherwise broadcast a param against its update)."""
     leaves = leaves_like(fn, "params", grads_def, grads, params)
-    for (path, g), p in zip(jax.tree_util.tree_flatten_with_path(grads)[0], leaves):
+    for path, g, p in zip(paths, grads_def.flatten_up_to(grads), leaves):
         if p is not None and np.shape(p) != np.shape(g):
             raise ValueError(f"{fn}: params{jax.tree_util.keystr(path)} has shape "
                              f"{tuple(np.shape(p))} where the grads have {tuple(np.shape(g))}")

@@ -1,29 +1,26 @@
 """The element codes of quantized moments: float32 values scaled to [-1, 1] <-> small integers.
 
-Every code here is integer arithmetic on a float32 value's bits, comparisons, and multiplications
-that are exact or correctly rounded, so each backend gives the same codes. There is no table lookup:
-gathers are slow on XLA:CPU (a table-driven 8-bit update took 2.5x the float32 one).
+Every code is integer arithmetic on a float32 value's bits, comparisons, and multiplications that
+are exact or correctly rounded, so each backend gives the same codes; none needs a table lookup
+(a gather, slow on XLA:CPU).
 
 Rounding is to nearest, or stochastic: given 16 uniform random bits per element (``noise``, uint32
 values below ``2**16``, read as ``u = noise / 2**16``), a value between neighbouring code values
 ``lo <= y < hi`` is stored as ``hi`` when ``u >= (hi - y) / (hi - lo)``, so with probability
 ``(y - lo) / (hi - lo)`` (to within ``2**-16``): the stored value is unbiased (a signed code
-rounds the magnitude). Adam's second moment moves by about ``1 - b2 = 0.1%`` a step, far less than
-half the gap between two codes: rounded to nearest it moves only with its block's scale. On a
-teacher-student regression that cost +4.9% of held-out loss (8 bits) and +8.7% (4 bits); rounded
-stochastically, +0.1% and +0.4%.
+rounds the magnitude). Training rounds stochastically: Adam's second moment moves by about
+``1 - b2`` a step, far less than half the gap between two codes, so rounded to nearest it would
+move only with its block's scale.
 
 The codes:
 
 * ``log`` (8 bits): ``|y|`` with ``m`` mantissa bits: code ``c`` in ``[1, top]`` stands for the
   float32 whose bits are ``bits(1.0) + ((c - top) << (23 - m))``, so ``top`` is exactly 1 and each
-  binade below holds ``2**m`` codes; code 0 is 0. The signed code stores ``-c`` for a negative value.
-  First moment: signed, ``m = 3``, 127 magnitudes over 16 binades. Second moment: unsigned,
+  binade below holds ``2**m`` codes; code 0 is 0. The signed code stores ``-c`` for a negative
+  value. First moment: signed, ``m = 3``, 127 magnitudes over 16 binades. Second moment: unsigned,
   ``m = 4``, 255 values over 16 binades; a positive value below them is stored as code 1, never 0.
 * ``square`` (4 bits, first moment): ``sign * (k / 7)**2`` for ``k`` in ``[0, 7]``, two's complement
-  ``[-7, 7]``. Measured against Li et al.'s dynamic exponent code (0.0055 .. 1) with stochastic
-  rounding: +0.45% vs +1.7% of held-out loss on a character language model, +0.15% vs +0.02% on the
-  regression; a linear code (+1.6%) and powers of two (+1.9%) did worse.
+  ``[-7, 7]``.
 * ``linear`` (4 bits, second moment): Li et al.'s ``(k + 1) / 16`` for ``k`` in ``[0, 15]``. It
   excludes zero, so a positive second moment never decodes to 0.
 """

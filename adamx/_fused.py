@@ -2,9 +2,9 @@
 CPU kernel.
 
 The policy lives here: the kernel (``adamx/_native``, built when adamx is installed) runs only
-when asked for, and only where it computes exactly what the plain path computes: float32
-leaves, Adam, AdamW and NAdam(W) (no AMSGrad or AdaMax), one CPU device. Asked for elsewhere,
-it raises and says why; it never falls back silently, and it is never picked behind the caller's
+when asked for, and only where it computes what the plain path computes: float32 leaves, Adam,
+AdamW and NAdam(W) (no AMSGrad or AdaMax), arrays on one CPU device. Asked for elsewhere, it
+raises and says why; it never falls back silently, and it is never picked behind the caller's
 back.
 """
 
@@ -13,101 +13,94 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import optax
-from jax.typing import ArrayLike
 
-from adamx import _numerics, _state
-from adamx._checks import check_bool, params_like
-from adamx._update import Hyperparams, Mask, Rule, decay_flags, step, step_scalars
+from adamx import _options, _state
+from adamx._checks import check_bool
+from adamx._update import Prepared, Rule, prepare, scalars, step
 
 PyTree = Any
 
 
-def _kernel_scalars(count, lr, hp, rule):
-    """The kernel's float32 scalars, computed exactly as the plain path computes them."""
-    s = step_scalars(jnp.float32, count, hp, rule)
+def kernel_scalars(count: jax.Array, hp: _options.Hyperparams, rule: Rule) -> dict:
+    """The kernel's float32 scalars by their ABI names (``adamx/_native/abi.h``), computed from
+    the plain path's own :class:`adamx._update.Scalars`, as the plain path uses them."""
+    s = scalars(jnp.float32, count, hp, rule)
     one = jnp.ones([], jnp.float32)
-    s["scale"] = jnp.asarray(-lr, jnp.float32)
-    # XLA turns the plain path's division by a scalar into this multiplication.
-    s["inv_bc1"] = one / s["bc1"]
-    s["inv_bc2"] = one / s["bc2"]
-    s.setdefault("step_scale", one)
-    # The plain path forms these products in float32 before using them.
-    s["nesterov_m"] = s["b1"] / s["bc1_next"] if rule.nesterov else one
-    s["nesterov_g"] = s["omb1"] / s["bc1"] if rule.nesterov else one
-    return s
+    return {
+        "scale": -s.learning_rate, "b1": s.b1, "omb1": s.one_minus_b1, "b2": s.b2,
+        "omb2": s.one_minus_b2, "eps": s.eps, "eps_root": s.eps_root,
+        "weight_decay": s.weight_decay,
+        # XLA turns the plain path's division by a scalar into this multiplication
+        "inv_bc1": one / s.bias_correction1, "inv_bc2": one / s.bias_correction2,
+        "step_scale": jnp.sqrt(s.bias_correction2) if rule.eps_hat else one,
+        # the plain path forms these products in float32 before using them
+        "nesterov_m": s.b1 / s.next_bias_correction1 if rule.nesterov else one,
+        "nesterov_g": s.one_minus_b1 / s.bias_correction1 if rule.nesterov else one,
+    }
 
 
-def _why_not(rule, leaves):
+def _why_not(rule: Rule, prepared: Prepared) -> Any:
     """Why the kernel cannot run this step, or None when it can."""
-    if rule.amsgrad or rule.infinity_norm:
+    if rule.amsgrad or rule.adamax:
         return "AMSGrad and AdaMax are not in the kernel"
     if rule.param_rounding != "nearest":
         return f"param_rounding={rule.param_rounding!r} is not in the kernel (float32 leaves only)"
-    if jax.default_backend() != "cpu":
-        return f"the kernel is for CPU, and the default backend is {jax.default_backend()}"
-    if jax.device_count() > 1:
-        return f"{jax.device_count()} devices: the kernel has no sharding rule"
-    for group in leaves:
-        if not all(isinstance(x, jax.Array) and x.dtype == jnp.float32 for x in group):
-            return "every param, grad and moment must be a float32 array"
+    if not (rule.bias_correction_mu and rule.bias_correction_nu):
+        return "turning bias correction off is not in the kernel"
+    arrays = [x for leaf in zip(prepared.params, prepared.grads, prepared.stored)
+              for x in (leaf[0], leaf[1], leaf[2].mu, leaf[2].nu)]
+    if not all(isinstance(x, jax.Array) and x.dtype == jnp.float32 for x in arrays):
+        return "every param, grad and moment must be a float32 array"
+    placements = {_placement(x) for x in arrays}
+    if any(count > 1 for count, _ in placements):
+        return "the arrays are sharded over several devices: the kernel has no sharding rule"
+    platforms = {platform for _, platform in placements}
+    if platforms != {"cpu"}:
+        return f"the kernel is for CPU, and the arrays are on {', '.join(sorted(platforms))}"
     return None
+
+
+def _placement(x: jax.Array) -> tuple[int, str]:
+    """``(number of devices, platform)`` of an array; for a tracer, from the mesh its type names
+    (none: one device of the default backend, where a jitted step without shardings runs)."""
+    if not isinstance(x, jax.core.Tracer):
+        devices = x.sharding.device_set
+        return len(devices), next(iter(devices)).platform
+    mesh = jax.typeof(x).sharding.mesh
+    return (1 if mesh.empty else mesh.size), jax.default_backend()
 
 
 def _fused_step(fn, grads, state, params, hp, rule, mask):
     from adamx import _native  # loaded only when asked for
 
     available, why = _native.status()
-    g_leaves, treedef, fields = _state.check(fn, state, grads, amsgrad=rule.amsgrad,
-                                             kahan=rule.kahan)
-    p_leaves = params_like(fn, treedef, grads, params)
-    leaves = list(zip(p_leaves, g_leaves, fields["mu"], fields["nu"]))
-    why = why if not available else _why_not(rule, leaves)
+    prepared = prepare(fn, grads, state, params, hp, rule, mask)
+    why = why if not available else _why_not(rule, prepared)
     if why is not None:
         raise RuntimeError(f"{fn}: fused=True but the CPU kernel cannot run: {why}")
-    hp = hp.at(fn, state.count)
-    lr = hp.learning_rate
-    decay = decay_flags(fn, treedef, grads, params, hp.weight_decay, mask)
-    count = _numerics.safe_increment(state.count)
-    live = [k for k, g in enumerate(g_leaves) if g.size]  # empty leaves have nothing to update
-    new = [list(group[:1]) + list(group[2:]) for group in leaves]
-    if live:
-        scalars = _kernel_scalars(count, lr, hp, rule)
-        results = _native.step({name: scalars[name] for name in _native.SCALARS},
-                               [leaves[k] for k in live], [decay[k] for k in live],
+    leaves = [(p, g, s.mu, s.nu) for p, g, s in zip(prepared.params, prepared.grads,
+                                                      prepared.stored)]
+    new = [(p, m, v) for p, _, m, v in leaves]
+    nonempty = [k for k, g in enumerate(prepared.grads) if g.size]
+    if nonempty:
+        results = _native.step(kernel_scalars(prepared.count, prepared.hp, rule),
+                               [leaves[k] for k in nonempty],
+                               [prepared.decay[k] for k in nonempty],
                                maximize=rule.maximize, eps_hat=rule.eps_hat,
                                nesterov=rule.nesterov)
-        for k, result in zip(live, results):
-            new[k] = list(result)
-    new_p, new_mu, new_nu = (treedef.unflatten([x[i] for x in new]) for i in range(3))
-    return new_p, state.replace(count=count, mu=new_mu, nu=new_nu)
+        for k, result in zip(nonempty, results):
+            new[k] = result
+    new_p, new_mu, new_nu = (prepared.treedef.unflatten([x[i] for x in new]) for i in range(3))
+    return new_p, state.replace(count=prepared.count, mu=new_mu, nu=new_nu)
 
 
-def apply(
-    grads: PyTree,
-    state: _state.AdamState,
-    params: PyTree,
-    *,
-    learning_rate: optax.ScalarOrSchedule,
-    b1: ArrayLike = 0.9,
-    b2: ArrayLike = 0.999,
-    eps: ArrayLike = 1e-8,
-    eps_root: ArrayLike = 0.0,
-    weight_decay: optax.ScalarOrSchedule = 0.0,
-    mask: Mask = None,
-    eps_hat: bool = False,
-    maximize: bool = False,
-    nesterov: bool = False,
-    amsgrad: bool = False,
-    max_bias_corrected: bool = False,
-    param_rounding: str = "nearest",
-    seed: ArrayLike = 0,
-    fused: bool = False,
-) -> tuple[PyTree, _state.AdamState]:
+def apply(grads: PyTree, state: _state.AdamState, params: PyTree, *, fused: bool = False,
+          **options: Any) -> tuple[PyTree, _state.AdamState]:
     r"""One whole Adam step: returns ``(new_params, new_state)``.
 
     Computes ``optax.apply_updates(params, u)`` with ``u, new_state = adamx.update(grads, state,
-    params, ...)``, with the same arguments and checks (see :func:`adamx.update` for the
-    equations): by default in plain JAX, on every backend.
+    params, **options)``, with the same options and checks (see :func:`adamx.update`): by default
+    in plain JAX, on every backend.
 
     ``fused=True`` runs the step in one multithreaded XLA:CPU kernel over all leaves, params and
     moments updated in place when the caller's ``jax.jit`` donates ``params`` and ``state``
@@ -123,10 +116,8 @@ def apply(
       grads: Gradients, with the structure and shapes of ``params``.
       state: An :class:`adamx.AdamState`.
       params: The current params.
-      learning_rate: A number, an array, or a schedule of the step count before this step.
-      b1, b2, eps, eps_root, weight_decay, mask, eps_hat, maximize, nesterov, amsgrad,
-        max_bias_corrected, param_rounding, seed: As in :func:`adamx.update`.
       fused: Run the CPU kernel (True) or plain JAX (False, the default).
+      **options: The options of :func:`adamx.update` (``learning_rate`` required).
 
     Returns:
       ``(new_params, new_state)``, with the dtypes and structures of ``params`` and ``state``.
@@ -147,11 +138,8 @@ def apply(
       Array([ 0.9, -1.9], dtype=float32)
     """
     fn = "adamx.apply"
-    check_bool(fn, fused=fused)
-    rule = Rule(eps_hat=eps_hat, maximize=maximize, nesterov=nesterov, amsgrad=amsgrad,
-                max_bias_corrected=max_bias_corrected, param_rounding=param_rounding)
-    rule.check(fn)
-    hp = Hyperparams(learning_rate, b1, b2, eps, eps_root, weight_decay, seed).check(fn)
+    check_bool(fn, "fused", fused)
+    hp, rule, mask = _options.parse(fn, options)
     if params is None:
         raise TypeError(f"{fn}: params must be the params' pytree (apply returns the new params), "
                         "got None")
@@ -172,10 +160,9 @@ def kernel_available() -> bool:
 
     Example:
       >>> import adamx
-      >>> isinstance(adamx.kernel_available(), bool)
+      >>> adamx.kernel_available()  # built when adamx was installed with a C++ compiler
       True
     """
     from adamx import _native
 
     return _native.status()[0]
-

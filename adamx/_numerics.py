@@ -1,6 +1,9 @@
-"""Small numerical helpers, each here because the obvious one-liner loses precision or wraps."""
+"""Small numerical helpers, each here because the obvious one-liner loses precision, wraps, or is
+not the same on every backend."""
 
+import functools
 import numbers
+import zlib
 
 import jax
 import jax.numpy as jnp
@@ -43,11 +46,9 @@ def complex_dtype(real):
 def bias_correction(one_minus_b, t, dtype):
     """Returns ``1 - b**t`` in ``dtype``, as ``(1 - b) * expm1(t log b) / expm1(log b)``.
 
-    The direct form loses the low bits of ``b**t`` when it is close to 1: in float32,
-    ``1 - 0.999**t`` is off by up to 330 ulps. This form stays within 7 ulps of the float64 value
-    for every t (measured for b in {0.5, 0.9, 0.999, 0.99999}, t <= 20000), is exactly ``1 - b``
-    at t = 1 (so the first Adam step is exactly ``lr * sign(g)`` when eps is negligible), and is
-    1 for b = 0.
+    The direct form loses the low bits of ``b**t`` when it is close to 1 (in float32,
+    ``1 - 0.999**t`` is off by up to 330 ulps); this one stays within a few ulps of the float64
+    value, is exactly ``1 - b`` at t = 1, and is 1 for b = 0.
 
     Args:
       one_minus_b: ``1 - b``, as returned by :func:`one_minus`.
@@ -69,19 +70,29 @@ def abs_sq(g):
     return jnp.square(g)
 
 
-# ---- Rounding a 16-bit param (param_rounding="stochastic" / "kahan") ------------------------------
-
-ROUNDINGS = ("nearest", "stochastic", "kahan")
-
-
 def rounds(dtype, mode):
     """Whether ``mode`` changes how a param of ``dtype`` is written (only 16-bit floats round)."""
     return mode != "nearest" and jnp.dtype(dtype) in (jnp.float16, jnp.bfloat16)
 
 
+# ---- random bits for stochastic rounding -------------------------------------------------------
+
+# Random bits are a pure function of (seed, count, stream, element index): reproducible run to run,
+# the same on one device or many, with no global RNG state. A leaf's stream comes from its key
+# path, so two transformations over different leaves (optax.multi_transform) draw different bits.
+# A leaf's quantized moments draw from its stream xor MOMENTS, its param's rounding from the
+# stream itself.
+MOMENTS = 0x6A09E667
+
+
+def stream(path: tuple) -> int:
+    """The 32-bit stream number of the leaf at ``path`` (a key path): CRC-32 of its key string."""
+    return zlib.crc32(jax.tree_util.keystr(path).encode())
+
+
 def _mix32(x):
-    """A bijective 32-bit integer mixer (a murmur3-style finalizer): every input bit reaches every
-    output bit, so consecutive counters give unrelated outputs."""
+    """A bijective 32-bit mixer (lowbias32): every input bit reaches every output bit, so
+    consecutive counters give unrelated outputs."""
     x = x ^ (x >> 16)
     x = x * np.uint32(0x7FEB352D)
     x = x ^ (x >> 15)
@@ -89,16 +100,17 @@ def _mix32(x):
     return x ^ (x >> 16)
 
 
-def random_bits(shape, *, seed, count, stream, sharding=None):
-    """Uniform uint32 bits for each element of an array of ``shape``, a pure function of
-    (seed, count, stream, element index): reproducible run to run, with no global RNG state.
-
-    The element index comes from iotas, so a sharded array gets the bits of its own elements,
-    the same on one device or many.
-    """
+def bits_key(seed, count, stream):
+    """The uint32 key of one leaf's random bits at one step."""
     key = _mix32(jnp.asarray(seed, jnp.uint32) ^ np.uint32(0x9E3779B9))
     key = _mix32(key ^ jnp.asarray(count, jnp.uint32))
-    key = _mix32(key ^ np.uint32(stream & 0xFFFFFFFF))
+    return _mix32(key ^ np.uint32(stream & 0xFFFFFFFF))
+
+
+def random_bits(shape, key, sharding=None):
+    """Uniform uint32 bits for each element of an array of ``shape``: ``mix(index * phi + key)``
+    with ``index`` the element's row-major position, built from iotas so that a sharded array
+    gets the bits of its own elements."""
     index = jnp.zeros(shape, jnp.uint32)
     stride = 1
     for dim in reversed(range(len(shape))):
@@ -108,11 +120,13 @@ def random_bits(shape, *, seed, count, stream, sharding=None):
     return _mix32(index * np.uint32(0x9E3779B9) + key)
 
 
-def stochastic_round(x, dtype, bits):
+@functools.partial(jax.custom_jvp, nondiff_argnums=(2,))
+def stochastic_round(x, bits, dtype):
     """Rounds float32 ``x`` to ``dtype`` (bfloat16 or float16), up with probability equal to the
-    distance from the lower neighbour in units of the gap: ``E[result] = x`` exactly.
+    distance from the lower neighbour in units of the gap, so ``E[result] = x``.
 
-    ``bits``: uniform uint32 random bits of ``x``'s shape. Non-finite values pass through.
+    ``bits``: uniform uint32 random bits of ``x``'s shape. Non-finite values pass through. Its
+    derivative is the identity (a straight-through estimate), as rounding to nearest has.
     """
     x = x.astype(jnp.float32)
     if jnp.dtype(dtype) == jnp.bfloat16:
@@ -130,3 +144,9 @@ def stochastic_round(x, dtype, bits):
         u = (bits >> 8).astype(jnp.float32) * np.float32(2.0**-24)
         rounded = jnp.copysign(jnp.floor(jnp.abs(x) / gap + u) * gap, x)
     return jnp.where(jnp.isfinite(x), rounded, x).astype(dtype)
+
+
+@stochastic_round.defjvp
+def _stochastic_round_jvp(dtype, primals, tangents):
+    y = stochastic_round(*primals, dtype)
+    return y, tangents[0].astype(y.dtype)

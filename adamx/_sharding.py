@@ -5,16 +5,17 @@ host offload of the moments.
 arrays) they take the params' shardings, and `update` is elementwise, so it keeps them. The
 helpers here only *return* shardings; the caller passes them to `jax.jit(..., out_shardings=...)`
 or `jax.device_put`, and XLA inserts the communication. The one move adamx makes itself is
-streaming a host-resident moment to device memory and back inside the step (`to_device`, `like`).
+streaming a host-resident moment to device memory and back inside the step (`to_device`,
+`to_memory_of`).
 """
 
-import math
 from typing import Any
 
 import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from adamx._formats import Int4Rank1, block_length, is_quantized, leaf_shape
+from adamx._formats import is_quantized
+from adamx._state import LEAF_FIELDS, AdamState
 
 __all__ = ["host_offload_shardings", "zero1_shardings"]
 
@@ -46,32 +47,12 @@ def _zero1_spec(leaf: Any, mesh: Mesh, axis: str) -> PartitionSpec:
     return PartitionSpec(*spec)
 
 
-def _quantized_shardings(moment: Any, mesh: Mesh, axis: str) -> Any:
-    """ZeRO-1 for a quantized moment: all its arrays split along their leading dimension together,
-    or none of them.
-
-    Blocks (``Int8Blocks``, ``Int4Blocks``): codes and ``absmax`` split when each device then holds
-    whole blocks, so decoding needs none of its neighbours' data. Rank-1 (``Int4Rank1``): codes and
-    ``row_max`` split by rows, ``col_max`` stays whole on every device; decoding is local, and
-    encoding takes each column's maximum over all rows, one all-reduce of a ``col_max``-sized vector.
-    """
-    specs = {field: _base_spec(getattr(moment, field), mesh) for field in moment._fields}
-    codes, n = moment.codes.shape, mesh.shape[axis]
-    if any(any(spec) for spec in specs.values()) or not codes or codes[0] % n:
-        pass  # already sharded (kept as is), or rows that N does not divide
-    elif isinstance(moment, Int4Rank1):
-        specs["codes"][0] = specs["row_max"][0] = axis
-    else:
-        size, blocks = math.prod(leaf_shape(moment)), moment.absmax.shape[0]
-        if (size // n) % block_length(size, blocks) == 0 and blocks % n == 0:
-            specs["codes"][0] = specs["absmax"][0] = axis
-    return type(moment)(*(NamedSharding(mesh, PartitionSpec(*specs[f])) for f in moment._fields))
-
-
 def _leaf_shardings(leaf: Any, mesh: Mesh, axis: str) -> Any:
-    if is_quantized(leaf):
-        return _quantized_shardings(leaf, mesh, axis)
-    return NamedSharding(mesh, _zero1_spec(leaf, mesh, axis))
+    if not is_quantized(leaf):
+        return NamedSharding(mesh, _zero1_spec(leaf, mesh, axis))
+    base = {field: _base_spec(getattr(leaf, field), mesh) for field in leaf._fields}
+    specs = leaf.zero1_specs(mesh, axis, base)
+    return type(leaf)(*(NamedSharding(mesh, PartitionSpec(*specs[f])) for f in leaf._fields))
 
 
 def zero1_shardings(state: Any, mesh: Mesh, axis: str = "data") -> Any:
@@ -92,12 +73,11 @@ def zero1_shardings(state: Any, mesh: Mesh, axis: str = "data") -> Any:
 
     A quantized moment is split as one unit, along the leading dimension of its arrays, when none
     of them is sharded yet; otherwise all keep the specs they have (whole on every device unless
-    already sharded). Block-wise (:class:`Int8Blocks`, :class:`Int4Blocks`: codes shaped like the
-    param, the last axis halved for 4 bits, and a flat ``absmax`` per block): codes and ``absmax``
-    split only into N parts of whole blocks, so decoding needs no communication. Rank-1
-    (:class:`Int4Rank1`): codes and ``row_max`` split by rows when N divides the rows, ``col_max``
-    stays whole; decoding is local, and each step's new ``col_max`` (a maximum over all rows) is
-    one all-reduce of that small vector, which XLA inserts.
+    already sharded). Block-wise (:class:`adamx.Int8Blocks`, :class:`adamx.Int4Blocks`): codes and
+    ``absmax`` split only into N parts of whole blocks, so decoding needs no communication.
+    Rank-1 (:class:`adamx.Int4Rank1`): codes and ``row_max`` split by rows when N divides the
+    rows, ``col_max`` stays whole; each step's new ``col_max`` (a maximum over all rows) is one
+    all-reduce of that small vector, which XLA inserts.
 
     Args:
       state: An optimizer state, concrete (``adamx.init(params)``) or abstract
@@ -135,35 +115,43 @@ def zero1_shardings(state: Any, mesh: Mesh, axis: str = "data") -> Any:
 def host_offload_shardings(state: Any) -> Any:
     """Shardings that keep an optimizer state's moments in pinned host memory between steps.
 
-    Each array of the moments (``mu``, ``nu``, ``nu_max``, and a Kahan ``compensation``; the
-    codes and scales of an 8-bit moment) keeps its own sharding, moved to ``"pinned_host"``
-    memory; ``count`` stays in device memory. Pass the result to ``jax.device_put`` for the
-    state (and, if you like, to ``jax.jit(..., out_shardings=...)``). Inside the step,
-    :func:`adamx.update` streams each host-resident moment to the device, updates it there, and
-    streams it back, so device memory holds a leaf's moments only while the step updates them
-    (XLA schedules the copies). Composes with ZeRO-1:
-    ``host_offload_shardings(zero1_shardings(state, mesh))``. (JAX tracks only pinned host
-    memory inside a jitted step, so ``"unpinned_host"`` is not offered.)
+    Each array of the moments of every :class:`adamx.AdamState` in ``state`` (``mu``, ``nu``,
+    ``nu_max``, and a Kahan ``compensation``; the codes and scales of a quantized moment) keeps
+    its own sharding, moved to ``"pinned_host"`` memory; everything else (``count``, and the rest
+    of an ``optax.chain`` or ``optax.inject_hyperparams`` state) stays in device memory. Pass the
+    result to ``jax.device_put`` for the state (and, if you like, to
+    ``jax.jit(..., out_shardings=...)``). Inside the step, :func:`adamx.update` streams each
+    host-resident moment to the device, updates it there, and streams it back, so device memory
+    holds a leaf's moments only while the step updates them (XLA schedules the copies). Composes
+    with ZeRO-1: ``host_offload_shardings(zero1_shardings(state, mesh))``. (JAX tracks only pinned
+    host memory inside a jitted step, so ``"unpinned_host"`` is not offered.)
+
+    On CPU it needs jaxlib 0.10.2 or later: earlier releases keep a host-resident array in device
+    memory inside a jitted step.
 
     Args:
-      state: An optimizer state (concrete, or abstract from ``jax.eval_shape`` with shardings),
-        or a pytree of shardings shaped like one (e.g. from :func:`zero1_shardings`). Leaves
-        without a sharding (an abstract state without one) get the default device's.
+      state: An optimizer state holding :class:`adamx.AdamState` nodes (concrete, or abstract from
+        ``jax.eval_shape`` with shardings), or a pytree of shardings shaped like one (e.g. from
+        :func:`zero1_shardings`). Leaves without a sharding get the default device's.
 
     Returns:
       A pytree of shardings with the structure of ``state``.
 
     Raises:
-      ValueError: If the devices have no pinned host memory.
+      ValueError: If ``state`` holds no AdamState, or its devices have no pinned host memory.
+      RuntimeError: On CPU with a jaxlib older than 0.10.2.
 
     Example:
-      >>> import jax, jax.numpy as jnp, adamx
-      >>> state = adamx.init({"w": jnp.zeros((4, 3))})
+      >>> import jax, jax.numpy as jnp, optax, adamx
+      >>> tx = optax.chain(optax.clip_by_global_norm(1.0), adamx.adam(1e-3))
+      >>> state = tx.init({"w": jnp.zeros((4, 3))})
       >>> shardings = adamx.host_offload_shardings(state)
-      >>> shardings.mu["w"].memory_kind, shardings.count.memory_kind
+      >>> shardings[1].mu["w"].memory_kind, shardings[1].count.memory_kind
       ('pinned_host', 'device')
       >>> state = jax.device_put(state, shardings)
     """
+    fn = "adamx.host_offload_shardings"
+
     def sharding_of(leaf):
         if isinstance(leaf, jax.sharding.Sharding):
             return leaf
@@ -172,29 +160,54 @@ def host_offload_shardings(state: Any) -> Any:
 
     def place(leaf, kind):
         sharding = sharding_of(leaf)
-        kinds = {m.kind for d in sharding.device_set for m in d.addressable_memories()}
-        if kind not in kinds:
-            raise ValueError(f"adamx.host_offload_shardings: the devices of this state have no "
-                             f"{kind!r} memory (they have {sorted(kinds)})")
+        if kind != "device":
+            _check_offload(fn, sharding)
         return sharding.with_memory_kind(kind)
 
-    fields = {name: jax.tree.map(lambda x: place(x, "pinned_host"), getattr(state, name))
-              for name in ("mu", "nu", "nu_max", "compensation")}
-    return state._replace(count=place(state.count, "device"), **fields)
+    def offload(node):
+        if not isinstance(node, AdamState):
+            return jax.tree.map(lambda x: place(x, "device"), node)
+        fields = {name: jax.tree.map(lambda x: place(x, "pinned_host"), getattr(node, name))
+                  for name in LEAF_FIELDS}
+        return node._replace(count=place(node.count, "device"), **fields)
+
+    is_state = lambda x: isinstance(x, AdamState)  # noqa: E731
+    if not any(is_state(x) for x in jax.tree.leaves(state, is_leaf=is_state)):
+        raise ValueError(f"{fn}: state holds no adamx.AdamState, got {type(state).__name__}")
+    return jax.tree.map(offload, state, is_leaf=is_state)
+
+
+def _check_offload(fn, sharding):
+    kinds = {m.kind for d in sharding.device_set for m in d.addressable_memories()}
+    if "pinned_host" not in kinds:
+        raise ValueError(f"{fn}: the devices of this state have no 'pinned_host' memory (they "
+                         f"have {sorted(kinds)})")
+    platform = next(iter(sharding.device_set)).platform
+    if platform == "cpu" and _jaxlib_version() < (0, 10, 2):
+        import jaxlib
+
+        raise RuntimeError(f"{fn}: host offload on CPU needs jaxlib 0.10.2 or later (earlier "
+                           "releases keep host-resident arrays in device memory inside a jitted "
+                           f"step), and jaxlib {jaxlib.__version__} is installed")
+
+
+def _jaxlib_version() -> tuple:
+    import jaxlib
+
+    return tuple(int(part) for part in jaxlib.__version__.split(".")[:3] if part.isdigit())
 
 
 def to_device(moment: Any) -> Any:
     """A moment's arrays in device memory: host-resident ones are streamed in (inside a step)."""
     def move(x):
-        space = getattr(jax.typeof(x), "memory_space", None)
-        if space == jax.memory.Space.Host:
+        if getattr(jax.typeof(x), "memory_space", None) == jax.memory.Space.Host:
             return jax.device_put(x, jax.memory.Space.Device)
         return x
 
     return jax.tree.map(move, moment)
 
 
-def like(new: Any, old: Any) -> Any:
+def to_memory_of(new: Any, old: Any) -> Any:
     """``new`` back in the memory space of ``old`` (host-resident moments stream back out)."""
     def move(x, y):
         if getattr(jax.typeof(y), "memory_space", None) == jax.memory.Space.Host:

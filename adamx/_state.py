@@ -5,9 +5,11 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from adamx import _numerics, _storage
-from adamx._checks import check_bool, check_choice, is_traced, leaves_like
+from adamx._checks import check_bool, check_choice, is_traced, leaves_like, short
+from adamx._options import ROUNDINGS
 
 PyTree = Any
 
@@ -25,7 +27,8 @@ class AdamState(NamedTuple):
         that its dtype could not hold (in the param's dtype), else None.
 
     An integer or boolean param keeps no moment: its leaves of ``mu`` and ``nu`` are None.
-    Quantized moments (``"int8"``) are small nodes; :func:`adamx.dequantize_state` decodes them.
+    Quantized moments (``"int8"``, ``"int4"``) are small nodes of arrays;
+    :func:`adamx.dequantize_state` decodes them.
 
     A NamedTuple, as optax's own states are: it is a pytree, so it passes through ``jax.jit``,
     ``lax.scan``, ``lax.cond`` and ``jax.tree`` utilities; ``flax.serialization`` and orbax
@@ -73,10 +76,10 @@ def init(
         leaves pass through. Integer and boolean leaves are not trained: they keep no moment
         (None) and get zero updates.
       mu_dtype: Storage of the first moment: None keeps each param's dtype; a float or complex
-        dtype; or ``"int8"`` / :func:`adamx.int8_moments`.
+        dtype; or ``"int8"``, ``"int4"``, :func:`adamx.int8_moments`, :func:`adamx.int4_moments`.
       nu_dtype: Storage of the second moment: None keeps each param's real dtype, but float32 for
-        float16 and bfloat16 params (a 16-bit second moment underflows or stalls); a float dtype;
-        or ``"int8"`` / :func:`adamx.int8_moments`.
+        float16 and bfloat16 params (a 16-bit second moment underflows or stalls); bfloat16,
+        float32 or float64; or a quantized spec as for ``mu_dtype``.
       amsgrad: Also keep ``nu_max``, the running maximum of the second moment.
       param_rounding: ``"kahan"`` also keeps a compensation buffer for each float16 and bfloat16
         param; ``"nearest"`` and ``"stochastic"`` keep nothing more.
@@ -95,42 +98,51 @@ def init(
       (dtype(bfloat16), dtype('float32'))
     """
     fn = "adamx.init"
-    mu_spec = _storage.check_spec(fn, "mu_dtype", mu_dtype)
-    nu_spec = _storage.check_spec(fn, "nu_dtype", nu_dtype)
-    check_bool(fn, amsgrad=amsgrad)
-    check_choice(fn, "param_rounding", param_rounding, _numerics.ROUNDINGS)
-    return zeros(params, mu_spec=mu_spec, nu_spec=nu_spec, amsgrad=amsgrad,
-                 kahan=param_rounding == "kahan")
+    specs = Specs(_storage.check_spec(fn, "mu_dtype", mu_dtype),
+                  _storage.check_spec(fn, "nu_dtype", nu_dtype))
+    check_bool(fn, "amsgrad", amsgrad)
+    check_choice(fn, "param_rounding", param_rounding, ROUNDINGS)
+    return zeros(params, specs, amsgrad=amsgrad, kahan=param_rounding == "kahan")
 
 
-def zeros(params, *, mu_spec, nu_spec, amsgrad, kahan):
+class Specs(NamedTuple):
+    """How a transformation stores its moments: canonical ``mu_dtype`` and ``nu_dtype`` specs."""
+
+    mu: Any = None
+    nu: Any = None
+
+
+def zeros(params: PyTree, specs: Specs, *, amsgrad: bool, kahan: bool) -> AdamState:
     """:func:`init` for specs already checked."""
-    def moments(spec, *, real):
-        return jax.tree.map(lambda p: _storage.zeros(p, spec, real=real), params)
+    def moments(spec, second):
+        return jax.tree.map(lambda p: _storage.zeros(p, spec, second=second), params)
 
     def compensation(p):
         return jnp.zeros_like(p) if _numerics.rounds(jnp.result_type(p), "kahan") else None
 
     return AdamState(
         count=jnp.zeros([], jnp.int32),
-        mu=moments(mu_spec, real=False),
-        nu=moments(nu_spec, real=True),
-        nu_max=moments(nu_spec, real=True) if amsgrad else None,
+        mu=moments(specs.mu, False),
+        nu=moments(specs.nu, True),
+        nu_max=moments(specs.nu, True) if amsgrad else None,
         compensation=jax.tree.map(compensation, params) if kahan else None,
     )
 
 
+# The fields of AdamState that mirror the params' tree, one entry per leaf.
+LEAF_FIELDS = AdamState._fields[1:]
+
+
 def _not_a_state(fn, state):
     """The TypeError for a state that is not an AdamState, with the conversion for optax's."""
-    inner = state
-    if not hasattr(inner, "mu") and isinstance(state, tuple) and state:
-        inner = state[0]  # optax.adam's state: (ScaleByAdamState, ...)
-    if hasattr(inner, "mu") and hasattr(inner, "nu") and hasattr(inner, "count"):
+    try:
+        found = optax.tree.get(state, "nu")
+    except (KeyError, ValueError, TypeError):
+        found = None
+    if found is not None:
         return TypeError(
             f"{fn}: state must be an adamx.AdamState (from this transformation's init), got "
-            f"{type(state).__name__} from optax; convert it with "
-            "adamx.AdamState(count=s.count, mu=s.mu, nu=s.nu) where s is its ScaleByAdamState "
-            "(optax.tree.get(state, 'mu') finds the moments in any optax state)")
+            f"{type(state).__name__}, an optax state: convert it with adamx.from_optax(state)")
     return TypeError(f"{fn}: state must be an adamx.AdamState, got {type(state).__name__}")
 
 
@@ -144,22 +156,25 @@ def _check_count(fn, count):
         raise ValueError(f"{fn}: state.count must be >= 0, got {int(count)}")
 
 
-def _presence(fn, has, has_not, present, wanted, hint):
+def _require(fn, has, has_not, present, wanted, hint):
     if present != wanted:
         raise ValueError(f"{fn}: the state has {has if present else has_not}, but {hint}")
 
 
-def check(fn, state, grads, *, amsgrad, kahan):
-    """Checks that ``state`` fits a transformation and these grads; returns its leaves.
+def check(fn: str, state: Any, grads: PyTree, *, amsgrad: bool, kahan: bool,
+          specs: Any = None) -> tuple[list, list, Any, dict]:
+    """Checks that ``state`` fits a transformation and these grads; returns its per-leaf entries.
 
     The transformation decides the algorithm: a state with ``nu_max`` runs only under AMSGrad
     and one without only under Adam; a compensation buffer only with ``param_rounding="kahan"``.
     Every field must have the grads' tree structure and shapes, ``count`` must be an int32
-    scalar >= 0, and the second moments must be real.
+    scalar >= 0, and the second moments real. With ``specs`` (a factory's :class:`Specs`), each
+    moment must be stored as they say.
 
     Returns:
-      ``(grad_leaves, treedef, fields)`` where ``fields`` maps each field name (mu, nu, nu_max,
-      compensation) to its list of per-leaf entries, or to None when the state has no such field.
+      ``(paths, grad_leaves, treedef, fields)``: the grads' key paths and leaves, their treedef,
+      and for each name of :data:`LEAF_FIELDS` the list of per-leaf entries, or None where the
+      state has no such field.
 
     Raises:
       TypeError: If ``state`` is not an AdamState (an optax state gets the conversion).
@@ -168,35 +183,34 @@ def check(fn, state, grads, *, amsgrad, kahan):
     if not isinstance(state, AdamState):
         raise _not_a_state(fn, state)
     _check_count(fn, state.count)
-    _presence(fn, "nu_max (AMSGrad's maximum)", "no nu_max", state.nu_max is not None, amsgrad,
-              "this transformation runs AMSGrad" if amsgrad else
-              "this transformation is not AMSGrad: use adamx.amsgrad (or update(..., amsgrad=True)),"
-              " or drop it with state.replace(nu_max=None)")
-    _presence(fn, "a compensation buffer", "no compensation buffer", state.compensation is not None,
-              kahan,
-              "param_rounding is 'kahan'" if kahan else
-              "param_rounding is not 'kahan': build the state and the update with the same "
-              "param_rounding")
+    _require(fn, "nu_max (AMSGrad's maximum)", "no nu_max", state.nu_max is not None, amsgrad,
+             "this transformation runs AMSGrad" if amsgrad else
+             "this transformation is not AMSGrad: use adamx.amsgrad (or amsgrad=True), or drop it "
+             "with state.replace(nu_max=None)")
+    _require(fn, "a compensation buffer", "no compensation buffer", state.compensation is not None,
+             kahan,
+             "param_rounding is 'kahan'" if kahan else
+             "param_rounding is not 'kahan': build the state and the update with the same "
+             "param_rounding")
     g_paths, treedef = jax.tree_util.tree_flatten_with_path(grads)
+    paths = [path for path, _ in g_paths]
     grad_leaves = [g for _, g in g_paths]
     fields = {}
-    for name in ("mu", "nu", "nu_max", "compensation"):
+    for name in LEAF_FIELDS:
         tree = getattr(state, name)
         if tree is None and name in ("nu_max", "compensation"):
-            fields[name] = None  # absent (mu and nu are None only where no leaf is trained)
+            fields[name] = None
             continue
         entries = leaves_like(fn, f"state.{name}", treedef, grads, tree)
-        for (path, g), entry in zip(g_paths, entries):
+        spec = "any" if specs is None else (specs.mu if name == "mu" else specs.nu)
+        for path, g, entry in zip(paths, grad_leaves, entries):
             where = f"state.{name}{jax.tree_util.keystr(path)}"
             if name == "compensation":
                 _check_compensation(fn, where, entry, g)
-                continue
-            _storage.check_leaf(fn, where, entry, g)
-            dtype = getattr(entry, "dtype", None)
-            if name != "mu" and dtype is not None and jnp.issubdtype(dtype, jnp.complexfloating):
-                raise ValueError(f"{fn}: {where} must be real, got {dtype}")
+            else:
+                _storage.check_leaf(fn, where, entry, g, spec, second=name != "mu")
         fields[name] = entries
-    return grad_leaves, treedef, fields
+    return paths, grad_leaves, treedef, fields
 
 
 def _check_compensation(fn, where, entry, grad):
@@ -205,5 +219,4 @@ def _check_compensation(fn, where, entry, grad):
     dtype = getattr(entry, "dtype", None)
     if dtype not in (jnp.float16, jnp.bfloat16) or tuple(entry.shape) != tuple(np.shape(grad)):
         raise ValueError(f"{fn}: {where} must be None or a float16/bfloat16 array of the grads' "
-                         f"shape {tuple(np.shape(grad))}, got {dtype}{list(getattr(entry, 'shape', ()))}")
-
+                         f"shape {tuple(np.shape(grad))}, got {short(entry)}")

@@ -1,161 +1,147 @@
-"""Adam's update: the math for one leaf, lifted once to pytrees, and the public :func:`update`.
+"""Adam's update: the math of one leaf, lifted once to pytrees; and the public :func:`update`.
 
 Plain JAX only: nothing here dispatches to native code, reads a file or a global switch, so
 every step traces to the same computation on every backend and exports with ``jax.export``.
 """
 
-import dataclasses
-from typing import Any, Callable, NamedTuple, Optional, Union
+from typing import Any, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
-from jax.typing import ArrayLike
 
-from adamx import _numerics, _state, _storage
-from adamx._sharding import like, to_device
-from adamx._checks import (
-    check_bool,
-    check_choice,
-    check_in_unit_interval,
-    check_non_negative,
-    check_rate,
-    check_seed,
-    concrete_float,
-    params_like,
-    scheduled,
-)
+from adamx import _numerics, _options, _state, _storage
+from adamx._checks import concrete_float, keystr, params_like, short
+from adamx._options import Hyperparams, Rule
+from adamx._sharding import to_device, to_memory_of
 
 PyTree = Any
-Mask = Optional[Union[PyTree, Callable[[PyTree], PyTree]]]
 
 
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class Rule:
-    """Static choices of the update rule (which variant of Adam), fixed at trace time."""
+class Scalars(NamedTuple):
+    """One step's scalars in one compute dtype, computed once per step rather than per leaf."""
 
-    eps_hat: bool = False
-    maximize: bool = False
-    nesterov: bool = False
-    amsgrad: bool = False
-    max_bias_corrected: bool = False
-    infinity_norm: bool = False
-    param_rounding: str = "nearest"
-
-    def check(self, fn):
-        """Rejects values and combinations that have no defined meaning."""
-        check_bool(fn, **{k: v for k, v in dataclasses.asdict(self).items()
-                          if k != "param_rounding"})
-        check_choice(fn, "param_rounding", self.param_rounding, _numerics.ROUNDINGS)
-        if self.max_bias_corrected and not self.amsgrad:
-            raise ValueError(f"{fn}: max_bias_corrected=True is an AMSGrad option (amsgrad=True)")
-        if self.eps_hat and self.max_bias_corrected:
-            raise ValueError(
-                f"{fn}: eps_hat=True uses the raw second moment, so it cannot be combined with "
-                "max_bias_corrected=True (the maximum of the bias-corrected one)"
-            )
-
-    @property
-    def kahan(self):
-        return self.param_rounding == "kahan"
+    b1: jax.Array
+    one_minus_b1: jax.Array
+    b2: jax.Array
+    one_minus_b2: jax.Array
+    eps: jax.Array
+    eps_root: jax.Array
+    weight_decay: jax.Array
+    learning_rate: jax.Array  # 0 for the scale_by_* transformations, which do not scale
+    bias_correction1: jax.Array  # 1 - b1**t (1 without bias correction of the first moment)
+    bias_correction2: jax.Array  # 1 - b2**t (1 without bias correction of the second moment)
+    next_bias_correction1: jax.Array  # 1 - b1**(t+1), for Nesterov's look-ahead
 
 
-class Hyperparams(NamedTuple):
-    """The numeric hyperparameters: each a Python number or a (possibly traced) array.
+def moments(g, m, v, s: Scalars, rule: Rule):
+    """This step's moments from the last ones (Kingma & Ba, Algorithm 1 and section 7.1)."""
+    m = _as(s.one_minus_b1, g) * g + _as(s.b1, g) * m
+    if rule.adamax:
+        v = jnp.maximum(jnp.abs(g) + s.eps, s.b2 * v)  # the infinity norm, eps inside as optax
+    else:
+        v = s.one_minus_b2 * _numerics.abs_sq(g) + s.b2 * v
+    return m, v
 
-    The one list of them: :func:`update`, :func:`adamx.apply` and every factory build one of
-    these, :meth:`check` validates it, and :func:`step` reads it.
+
+def direction(g, m, v, s: Scalars, rule: Rule):
+    """The step before the learning rate: the bias-corrected ``m / (sqrt(v) + eps)``.
+
+    ``v`` is the second moment the step uses: AMSGrad's maximum where the rule is AMSGrad (the
+    maximum of the bias-corrected one with ``max_bias_corrected``, so it is not corrected again).
     """
-
-    learning_rate: Any  # a number, an array, a schedule, or None for scale_by_adam
-    b1: Any = 0.9
-    b2: Any = 0.999
-    eps: Any = 1e-8
-    eps_root: Any = 0.0
-    weight_decay: Any = 0.0  # a number, an array or a schedule
-    seed: Any = 0
-
-    def check(self, fn, *, scaled=True):
-        """Range checks of concrete values; tracers pass (``check_hyperparams`` checks those).
-
-        ``scaled=False`` is for ``scale_by_adam``, which has no learning rate (None).
-        """
-        if scaled:
-            check_rate(fn, "learning_rate", self.learning_rate)
-        check_in_unit_interval(fn, b1=self.b1, b2=self.b2)
-        check_non_negative(fn, eps=self.eps, eps_root=self.eps_root)
-        check_rate(fn, "weight_decay", self.weight_decay)
-        check_seed(fn, self.seed)
-        return self
-
-    def at(self, fn, count):
-        """The values at the step whose count (before the step) is ``count``: the learning rate
-        and weight decay schedules called, and what they return checked."""
-        return self._replace(
-            learning_rate=scheduled(fn, "learning_rate", self.learning_rate, count),
-            weight_decay=scheduled(fn, "weight_decay", self.weight_decay, count))
-
-
-def step_scalars(dtype, t, hp, rule):
-    """Per-dtype scalars, computed once per step rather than once per leaf."""
-    omb1, omb2 = _numerics.one_minus(hp.b1), _numerics.one_minus(hp.b2)
-    s = {
-        "b1": hp.b1, "omb1": omb1, "b2": hp.b2, "omb2": omb2,
-        "eps": hp.eps, "eps_root": hp.eps_root, "weight_decay": hp.weight_decay,
-        # Bias corrections in float32 or wider: 1 - 0.999**t in bfloat16 rounds to 0 or 1.
-        "bc1": _numerics.bias_correction(omb1, t, dtype),
-    }
     if rule.nesterov:
-        s["bc1_next"] = _numerics.bias_correction(omb1, _numerics.safe_increment(t), dtype)
-    if not rule.infinity_norm:
-        s["bc2"] = _numerics.bias_correction(omb2, t, dtype)
-        if rule.eps_hat:
-            s["step_scale"] = jnp.sqrt(s["bc2"])
-    return {k: jnp.asarray(v, dtype) for k, v in s.items()}
-
-
-def _moments(g, mu, nu, nu_max, s, rule, rng):
-    """This step's moments, stored, and the (m, v) the step uses (see ``_storage.as_stored``)."""
-    real = s["b1"].dtype
-    m = _storage.load(mu, g.dtype, g.shape)
-    v = _storage.load(nu, real, g.shape)
-    m = s["omb1"].astype(g.dtype) * g + s["b1"].astype(g.dtype) * m
-    if rule.infinity_norm:
-        v = jnp.maximum(jnp.abs(g) + s["eps"], s["b2"] * v)
+        m_hat = (_as(s.b1 / s.next_bias_correction1, m) * m
+                 + _as(s.one_minus_b1 / s.bias_correction1, g) * g)
     else:
-        v = s["omb2"] * _numerics.abs_sq(g) + s["b2"] * v
-    mu, nu = _storage.store(m, mu, rng), _storage.store(v, nu, rng)
-    m, v = _storage.as_stored(m, mu), _storage.as_stored(v, nu)
-    if nu_max is None:
-        return (mu, nu, None), m, v
-    previous = _storage.load(nu_max, real, g.shape)
-    new_max = jnp.maximum(previous, v / s["bc2"] if rule.max_bias_corrected else v)
-    nu_max = _storage.store(new_max, nu_max, rng)
-    return (mu, nu, nu_max), m, _storage.as_stored(new_max, nu_max)
+        m_hat = m / _as(s.bias_correction1, m)
+    if rule.adamax:
+        return m_hat / _as(v, m_hat)
+    if rule.eps_hat:  # Kingma & Ba's eps-hat: the correction of v moves onto the step
+        return m_hat * _as(jnp.sqrt(s.bias_correction2) / (jnp.sqrt(v + s.eps_root) + s.eps), m_hat)
+    v_hat = v if rule.max_bias_corrected else v / s.bias_correction2
+    return m_hat / _as(jnp.sqrt(v_hat + s.eps_root) + s.eps, m_hat)
 
 
-def _direction(g, m, v_used, p, decay, s, rule):
-    """The step before the learning rate: bias-corrected m over the root of v, plus decay."""
-    if rule.nesterov:
-        m_hat = ((s["b1"] / s["bc1_next"]).astype(g.dtype) * m
-                 + (s["omb1"] / s["bc1"]).astype(g.dtype) * g)
-    else:
-        m_hat = m / s["bc1"].astype(g.dtype)
-    if rule.infinity_norm:
-        direction = m_hat / v_used.astype(g.dtype)
-    elif rule.eps_hat:
-        denom = jnp.sqrt(v_used + s["eps_root"]) + s["eps"]
-        direction = m_hat * (s["step_scale"] / denom).astype(g.dtype)
-    else:
-        v_hat = v_used if rule.max_bias_corrected else v_used / s["bc2"]
-        direction = m_hat / (jnp.sqrt(v_hat + s["eps_root"]) + s["eps"]).astype(g.dtype)
+def _as(x, like):
+    """``x`` in ``like``'s dtype: a real scalar or array meeting a complex first moment."""
+    return x.astype(like.dtype)
+
+
+def scalars(dtype, t, hp: Hyperparams, rule: Rule) -> Scalars:
+    """The :class:`Scalars` of step ``t`` (the count after it) in ``dtype``."""
+    one_minus_b1, one_minus_b2 = _numerics.one_minus(hp.b1), _numerics.one_minus(hp.b2)
+
+    def correction(one_minus_b, t, enabled=True):
+        # in float32 or wider: 1 - 0.999**t in bfloat16 rounds to 0 or 1
+        return _numerics.bias_correction(one_minus_b, t, dtype) if enabled else 1
+
+    values = Scalars(
+        b1=hp.b1, one_minus_b1=one_minus_b1, b2=hp.b2, one_minus_b2=one_minus_b2, eps=hp.eps,
+        eps_root=hp.eps_root, weight_decay=0 if hp.weight_decay is None else hp.weight_decay,
+        learning_rate=0 if hp.learning_rate is None else hp.learning_rate,
+        bias_correction1=correction(one_minus_b1, t, rule.bias_correction_mu),
+        bias_correction2=correction(one_minus_b2, t, rule.bias_correction_nu),
+        next_bias_correction1=correction(one_minus_b1, _numerics.safe_increment(t),
+                                         rule.nesterov and rule.bias_correction_mu),
+    )
+    return Scalars(*(jnp.asarray(x, dtype) for x in values))
+
+
+# ---- one leaf ----------------------------------------------------------------------------------
+
+class LeafState(NamedTuple):
+    """One leaf's entries of the state, each as stored (see ``adamx/_storage.py``) or None."""
+
+    mu: Any
+    nu: Any
+    nu_max: Any
+    compensation: Any
+
+
+class LeafStep(NamedTuple):
+    """What one step does to one leaf: its update, and its new state entries."""
+
+    update: Any
+    state: LeafState
+
+
+def _leaf_step(g, stored: LeafState, p, decay: bool, s: Scalars, rule: Rule, key: "LeafKey",
+               scaled: bool) -> LeafStep:
+    """One trained leaf: decode its moments, step, encode them back. Unless ``scaled`` (the
+    learning rate applied), the update is the direction itself."""
+    mu, nu, nu_max, c = (to_device(x) for x in stored)  # host-offloaded moments stream in
+    real = s.b1.dtype
+    g_c = g.astype(_numerics.complex_dtype(real) if jnp.iscomplexobj(g) else real)
+    if rule.maximize:
+        g_c = -g_c
+    m, v = moments(g_c, _storage.load(mu, g_c.dtype), _storage.load(nu, real), s, rule)
+    noise_m = noise_v = None
+    if any(_storage.is_quantized(x) for x in (mu, nu, nu_max)):
+        # one draw per element: a signed code rounds on its low 16 bits, an unsigned on its high
+        bits = _numerics.random_bits(g.shape, key.moments, jax.typeof(g).sharding)
+        noise_m, noise_v = bits & np.uint32(0xFFFF), bits >> np.uint32(16)
+    new = LeafState(_storage.store(m, mu, noise_m), _storage.store(v, nu, noise_v), None, c)
+    m, v = _storage.as_stored(m, new.mu), _storage.as_stored(v, new.nu)
+    if nu_max is not None:
+        v = jnp.maximum(_storage.load(nu_max, real),
+                        v / s.bias_correction2 if rule.max_bias_corrected else v)
+        new = new._replace(nu_max=_storage.store(v, nu_max, noise_v))
+        v = _storage.as_stored(v, new.nu_max)
+    u = direction(g_c, m, v, s, rule)
     if decay:
-        direction = direction + s["weight_decay"].astype(g.dtype) * p.astype(g.dtype)
-    return direction
+        u = u + _as(s.weight_decay, u) * p.astype(u.dtype)
+    if scaled:
+        u = _as(-s.learning_rate, u) * u
+    if _numerics.rounds(p.dtype if p is not None else g.dtype, rule.param_rounding):
+        u, c = _rounded(p, c, u, g.dtype, rule, key)
+        new = new._replace(compensation=c)
+    else:
+        u = u.astype(g.dtype)
+    return LeafStep(u, LeafState(*(to_memory_of(x, old) for x, old in zip(new, stored))))
 
 
-def _write(p, c, delta, dtype, rule, rng):
+def _rounded(p, c, delta, dtype, rule, key):
     """A 16-bit param's update under stochastic or Kahan rounding, and its new compensation.
 
     The new param is rounded here and the update returned (in ``dtype``, the gradient's) is its
@@ -170,10 +156,8 @@ def _write(p, c, delta, dtype, rule, rng):
         target = exact.astype(p.dtype)
     else:
         exact = p32 + delta
-        seed, count, stream = rng
-        bits = _numerics.random_bits(p.shape, seed=seed, count=count, stream=stream,
-                                     sharding=jax.typeof(p).sharding)
-        target = _numerics.stochastic_round(exact, p.dtype, bits)
+        bits = _numerics.random_bits(p.shape, key.param, jax.typeof(p).sharding)
+        target = _numerics.stochastic_round(exact, bits, p.dtype)
     u = (target.astype(jnp.float32) - p32).astype(dtype)
     if not rule.kahan:
         return u, None
@@ -181,9 +165,66 @@ def _write(p, c, delta, dtype, rule, rng):
     return u, (exact - landed.astype(jnp.float32)).astype(c.dtype)
 
 
-def decay_flags(fn, treedef, grads, params, weight_decay, mask):
-    """Per-leaf booleans: which leaves get weight decay."""
-    if concrete_float(fn, "weight_decay", weight_decay) == 0:
+class LeafKey(NamedTuple):
+    """The uint32 keys of one leaf's random bits at one step: its param's rounding, its moments'."""
+
+    param: Any
+    moments: Any
+
+
+# ---- the tree ---------------------------------------------------------------------------------
+
+class Prepared(NamedTuple):
+    """A step's inputs checked and flattened: what :func:`step` and the fused kernel share."""
+
+    treedef: Any
+    paths: list
+    grads: list
+    params: list  # per leaf: the param, or None
+    stored: list  # per leaf: a LeafState
+    decay: list  # per leaf: whether it gets weight decay
+    count: jax.Array  # the count after this step
+    hp: Hyperparams  # the schedules' values at this step
+
+
+def prepare(fn: str, grads: PyTree, state: Any, params: Optional[PyTree], hp: Hyperparams,
+            rule: Rule, mask: Any = None, specs: Any = None) -> Prepared:
+    """Checks a step's inputs (the state against the grads, the rule and ``specs``; the params'
+    shapes) and flattens them; calls the schedules at the count before the step, as optax does."""
+    paths, g_leaves, treedef, fields = _state.check(fn, state, grads, amsgrad=rule.amsgrad,
+                                                    kahan=rule.kahan, specs=specs)
+    n = len(g_leaves)
+    p_leaves = [None] * n if params is None else params_like(fn, treedef, grads, params, paths)
+    if rule.param_rounding != "nearest" and params is None:
+        raise ValueError(f"{fn}: param_rounding={rule.param_rounding!r} needs the params: call "
+                         "update(grads, state, params)")
+    stored = [LeafState(*entries) for entries in zip(
+        *(fields[name] or [None] * n for name in _state.LEAF_FIELDS))]
+    if rule.kahan:
+        _check_kahan(fn, paths, p_leaves, stored)
+    hp = hp.at(fn, state.count)
+    decay = decay_flags(fn, treedef, grads, params, hp.weight_decay, mask)
+    return Prepared(treedef, paths, g_leaves, p_leaves, stored, decay,
+                    _numerics.safe_increment(state.count), hp)
+
+
+def _check_kahan(fn, paths, params, stored):
+    """Each 16-bit param has its compensation, and only they: a state built before the params
+    were cast (to or from bfloat16) does not fit them."""
+    for path, p, leaf in zip(paths, params, stored):
+        rounds = p is not None and _numerics.rounds(jnp.result_type(p), "kahan")
+        if rounds != (leaf.compensation is not None):
+            raise ValueError(
+                f"{fn}: params{keystr(path)} is {short(p)}, but state.compensation{keystr(path)} "
+                f"is {short(leaf.compensation)}: Kahan keeps a compensation for each float16 and "
+                "bfloat16 param, and only for them; build the state with init from the params "
+                "as they are now")
+
+
+def decay_flags(fn: str, treedef: Any, grads: PyTree, params: Optional[PyTree], weight_decay: Any,
+                mask: Any) -> list:
+    """Per-leaf booleans: which leaves get weight decay (None or a concrete 0: none)."""
+    if weight_decay is None or concrete_float(fn, "weight_decay", weight_decay) == 0:
         return [False] * treedef.num_leaves
     if params is None:
         raise ValueError(f"{fn}: weight decay needs the params: call update(grads, state, params)")
@@ -193,9 +234,8 @@ def decay_flags(fn, treedef, grads, params, weight_decay, mask):
     try:
         full = jax.tree.map(lambda m, sub: jax.tree.map(lambda _: m, sub), mask_tree, grads)
     except ValueError as e:
-        raise ValueError(
-            f"{fn}: mask must have the params' tree structure (or a prefix): {e}"
-        ) from None
+        raise ValueError(f"{fn}: mask must have the params' tree structure (or a prefix): "
+                         f"{e}") from None
     flags = treedef.flatten_up_to(full)
     for flag in flags:
         if not isinstance(flag, (bool, np.bool_)):
@@ -203,96 +243,57 @@ def decay_flags(fn, treedef, grads, params, weight_decay, mask):
     return [bool(f) for f in flags]
 
 
-def step(fn, grads, state, params, hp, rule, mask=None):
-    """The single implementation behind :func:`update`, :func:`adamx.apply` and every factory.
+def step(fn: str, grads: PyTree, state: Any, params: Optional[PyTree], hp: Hyperparams, rule: Rule,
+         mask: Any = None, specs: Any = None) -> tuple[PyTree, Any]:
+    """The one implementation behind :func:`update`, :func:`adamx.apply` and every factory.
 
     Args:
-      fn: The public name used in error messages.
-      grads, state, params, mask: See :func:`update`.
-      hp: The :class:`Hyperparams`; a None learning rate returns the direction itself
-        (``scale_by_adam``).
+      fn: The public name, for messages.
+      grads, state, params, mask: As in :func:`update`.
+      hp: The :class:`Hyperparams`; a None learning rate returns the direction itself.
       rule: The :class:`Rule`.
+      specs: A factory's ``adamx._state.Specs``, which the state's moments must follow; None for
+        the functional API, where the state says how its moments are stored.
 
     Returns:
       ``(updates, new_state)``.
     """
-    g_leaves, treedef, fields = _state.check(fn, state, grads, amsgrad=rule.amsgrad,
-                                             kahan=rule.kahan)
-    n = len(g_leaves)
-    hp = hp.at(fn, state.count)  # a schedule reads the count before this step, as in optax
-    lr = hp.learning_rate
-    decay = decay_flags(fn, treedef, grads, params, hp.weight_decay, mask)
-    if rule.param_rounding != "nearest" and params is None:
-        raise ValueError(f"{fn}: param_rounding={rule.param_rounding!r} needs the params: call "
-                         "update(grads, state, params)")
-    p_leaves = [None] * n if params is None else params_like(fn, treedef, grads, params)
-    rounded = [p is not None and _storage.trained(p)
-               and _numerics.rounds(jnp.result_type(p), rule.param_rounding) for p in p_leaves]
-
-    count = _numerics.safe_increment(state.count)
-    scalars = {}
-    stored = [fields[name] or [None] * n for name in ("mu", "nu", "nu_max", "compensation")]
-    outs = []
-    for k, (g, p) in enumerate(zip(g_leaves, p_leaves)):
-        if not _storage.trained(g):
-            # An integer param is not trained: a zero update (in the gradient's dtype, an integer
-            # or float0, as apply_if_finite's skipped step and optax's own updates have it).
-            outs.append((np.zeros(np.shape(g), jnp.result_type(g)), None, None, None, None))
+    prepared = prepare(fn, grads, state, params, hp, rule, mask, specs)
+    count, hp = prepared.count, prepared.hp
+    per_dtype = {}
+    results = []
+    for path, g, p, stored, decay in zip(prepared.paths, prepared.grads, prepared.params,
+                                          prepared.stored, prepared.decay):
+        if not _storage.has_moments(g):
+            results.append(LeafStep(_zero_update(g, p), stored))
             continue
         g = jnp.asarray(g)
         dtype = _numerics.compute_dtype(g.dtype)
-        if dtype not in scalars:
-            scalars[dtype] = step_scalars(dtype, count, hp, rule)
-        # stochastic rounding (of the param, of quantized moments) draws its bits from
-        # (seed, count, leaf, element)
-        rng = (hp.seed, count, k)
-        outs.append(_leaf_step(g, [x[k] for x in stored], p, decay[k], lr, scalars[dtype], rule,
-                               rng, rounded[k]))
-
-    new_fields = {name: None if fields[name] is None else treedef.unflatten([o[i] for o in outs])
-                  for i, name in enumerate(("mu", "nu", "nu_max", "compensation"), start=1)}
-    return treedef.unflatten([o[0] for o in outs]), _state.AdamState(count=count, **new_fields)
-
-
-def _leaf_step(g, stored, p, decay, lr, s, rule, rng, rounded):
-    """One trained leaf: its update, and its (mu, nu, nu_max, compensation) as stored."""
-    # moments kept in host memory (adamx.host_offload_shardings) are updated on the device
-    mu, nu, nu_max, c = (to_device(x) for x in stored)
-    real = s["b1"].dtype
-    g_c = g.astype(_numerics.complex_dtype(real) if jnp.iscomplexobj(g) else real)
-    if rule.maximize:
-        g_c = -g_c
-    moments, m, v_used = _moments(g_c, mu, nu, nu_max, s, rule, rng)
-    u = _direction(g_c, m, v_used, p, decay, s, rule)
-    if lr is not None:
-        u = jnp.asarray(-lr, real).astype(g_c.dtype) * u
-    if rounded:
-        u, c = _write(p, c, u, g.dtype, rule, rng)
-    else:
-        u = u.astype(g.dtype)
-    return (u,) + tuple(like(x, old) for x, old in zip(moments + (c,), stored))
+        if dtype not in per_dtype:
+            per_dtype[dtype] = scalars(dtype, count, hp, rule)
+        stream = _numerics.stream(path)
+        key = LeafKey(_numerics.bits_key(hp.seed, count, stream),
+                      _numerics.bits_key(hp.seed, count, stream ^ _numerics.MOMENTS))
+        results.append(_leaf_step(g, stored, p, decay, per_dtype[dtype], rule, key,
+                                  scaled=hp.learning_rate is not None))
+    treedef = prepared.treedef
+    new_fields = {name: None if getattr(state, name) is None else
+                  treedef.unflatten([getattr(r.state, name) for r in results])
+                  for name in _state.LEAF_FIELDS}
+    return treedef.unflatten([r.update for r in results]), _state.AdamState(count, **new_fields)
 
 
-def update(
-    grads: PyTree,
-    state: _state.AdamState,
-    params: Optional[PyTree] = None,
-    *,
-    learning_rate: optax.ScalarOrSchedule,
-    b1: ArrayLike = 0.9,
-    b2: ArrayLike = 0.999,
-    eps: ArrayLike = 1e-8,
-    eps_root: ArrayLike = 0.0,
-    weight_decay: optax.ScalarOrSchedule = 0.0,
-    mask: Mask = None,
-    eps_hat: bool = False,
-    maximize: bool = False,
-    nesterov: bool = False,
-    amsgrad: bool = False,
-    max_bias_corrected: bool = False,
-    param_rounding: str = "nearest",
-    seed: ArrayLike = 0,
-) -> tuple[PyTree, _state.AdamState]:
+def _zero_update(g, p):
+    """An untrained (integer or boolean) leaf's update: zeros in the param's dtype, or without
+    the params in the gradient's (int32 for a float0 gradient, which nothing can add)."""
+    dtype = jnp.result_type(p) if p is not None else jnp.result_type(g)
+    if dtype == jax.dtypes.float0:
+        dtype = jnp.int32
+    return np.zeros(np.shape(g), dtype)
+
+
+def update(grads: PyTree, state: _state.AdamState, params: Optional[PyTree] = None, **options: Any
+           ) -> tuple[PyTree, _state.AdamState]:
     r"""One Adam step: returns the updates to add to the params, and the new state.
 
     For each leaf, with :math:`t` the step count after this step:
@@ -306,50 +307,55 @@ def update(
              + \lambda\, \theta_{t-1}\right)
 
     The math runs in float32 (float64 for float64 leaves); updates come back in the gradients'
-    dtype. Every numeric hyperparameter may be a Python
-    number or a JAX array, so a value passed as an argument of a jitted step changes without
-    recompiling. Integer and boolean params are not trained: their updates are zeros.
+    dtype. Every numeric option may be a Python number or a JAX array, so a value passed as an
+    argument of a jitted step changes without recompiling. Integer and boolean params are not
+    trained: their updates are zeros.
 
-    Concrete hyperparameters are checked here; traced ones cannot be without a host round trip,
-    so a bad value passed into a jitted step (``b2=1.0``) gives NaN:
-    :func:`adamx.check_hyperparams` checks them under ``jax.experimental.checkify``.
+    Concrete options are checked here; traced ones cannot be without a host round trip, so a bad
+    value passed into a jitted step (``b2=1.0``) gives NaN: :func:`adamx.check_hyperparams`
+    checks them under ``jax.experimental.checkify``.
 
     Args:
       grads: Gradients, with the tree structure and shapes of the params.
       state: The :class:`adamx.AdamState` from :func:`adamx.init` or a previous step.
       params: The current params; needed for weight decay and for ``param_rounding``.
-      learning_rate: :math:`\eta`: a number, an array, or a schedule (a callable of the step
-        count before this step).
-      b1: :math:`\beta_1`, the first moment's decay, in [0, 1).
-      b2: :math:`\beta_2`, the second moment's decay, in [0, 1).
-      eps: :math:`\epsilon`, added to the root of the second moment; >= 0.
-      eps_root: :math:`\epsilon_{root}`, added inside the root; >= 0.
-      weight_decay: :math:`\lambda`, decoupled weight decay as in AdamW: >= 0, or a schedule.
-      mask: Which leaves get weight decay: a pytree of bools (the params' structure or a
-        prefix of it) or a callable of the params returning one. None decays all leaves.
-      eps_hat: Use Kingma & Ba's :math:`\hat\epsilon` form (as Keras and TensorFlow do):
-        :math:`u_t = -\eta \sqrt{1-\beta_2^t} / (1-\beta_1^t) \cdot m_t / (\sqrt{v_t} + \epsilon)`.
-      maximize: Ascend the objective (negates the gradients on entry, as PyTorch does).
-      nesterov: NAdam, in optax's form.
-      amsgrad: AMSGrad: the state must have ``nu_max`` (``init(..., amsgrad=True)``), and a state
-        with ``nu_max`` is refused without it.
-      max_bias_corrected: With ``amsgrad``, take the maximum of the bias-corrected second
-        moment (optax) instead of the raw one (PyTorch and Keras).
-      param_rounding: How a float16 or bfloat16 param takes its step: ``"nearest"`` (the add in
-        its dtype; a step below half an ulp is lost), ``"stochastic"`` (rounded up or down at
-        random with the probabilities that make it exact on average) or ``"kahan"`` (the
-        rounding error is kept in ``state.compensation`` and added back next step). Other
-        dtypes always take the nearest. The state must be built with the same choice.
-      seed: The seed of stochastic rounding, an integer in [0, 2**32); the random bits are a
-        function of the seed, the step count, the leaf and the element.
+      **options: Keyword arguments, ``learning_rate`` required:
+
+        * ``learning_rate``: :math:`\eta`, a number, an array, or a schedule (a callable of the
+          step count before this step).
+        * ``b1``, ``b2``: :math:`\beta_1` (0.9), :math:`\beta_2` (0.999), the moments' decays,
+          in [0, 1).
+        * ``eps`` (1e-8): :math:`\epsilon`, added to the root of the second moment; >= 0.
+        * ``eps_root`` (0): :math:`\epsilon_{root}`, added inside the root; >= 0.
+        * ``weight_decay`` (None): :math:`\lambda`, decoupled weight decay as in AdamW: a
+          number >= 0, an array or a schedule; None or 0 decays nothing.
+        * ``mask`` (None): which leaves decay: a pytree of bools (the params' structure or a
+          prefix of it) or a callable of the params returning one; None decays all.
+        * ``nesterov`` (False): NAdam, in optax's form.
+        * ``amsgrad`` (False): AMSGrad: the state must have ``nu_max``
+          (``init(..., amsgrad=True)``), and a state with ``nu_max`` is refused without it.
+        * ``max_bias_corrected`` (False): with ``amsgrad``, the maximum of the bias-corrected
+          second moment (optax) instead of the raw one (PyTorch, Keras).
+        * ``adamax`` (False): AdaMax, Adam under the infinity norm (Kingma & Ba, section 7.1):
+          :math:`v_t = \max(\beta_2 v_{t-1}, |g_t| + \epsilon)`, :math:`u_t = -\eta \hat m_t/v_t`.
+        * ``bias_correction_mu``, ``bias_correction_nu`` (True): correct each moment's bias.
+        * ``eps_hat`` (False): Kingma & Ba's :math:`\hat\epsilon` form (Keras, TensorFlow):
+          :math:`u_t = -\eta \sqrt{1-\beta_2^t} / (1-\beta_1^t) \cdot m_t / (\sqrt{v_t} + \epsilon)`.
+        * ``maximize`` (False): ascend the objective (the gradients are negated on entry).
+        * ``param_rounding`` ("nearest"): how a float16 or bfloat16 param takes its step:
+          ``"nearest"`` (the add in its dtype; a step below half an ulp is lost), ``"stochastic"``
+          (up or down at random, exact on average) or ``"kahan"`` (the rounding error is kept in
+          ``state.compensation`` and added back next step). The state must be built alike.
+        * ``seed`` (0): the seed of stochastic rounding, an integer in [0, 2**32). The random
+          bits are a function of the seed, the step count, the leaf's key path and the element.
 
     Returns:
       ``(updates, new_state)``.
 
     Raises:
-      ValueError: For a hyperparameter out of range, or a state that does not fit (the grads'
+      ValueError: For an option out of range, or a state that does not fit (the grads'
         structure or shapes, its algorithm, its count), naming the field and key path.
-      TypeError: For a hyperparameter that is not a number, or a state that is not an
+      TypeError: For an unknown option, one that is not a number, or a state that is not an
         :class:`adamx.AdamState`.
 
     Example:
@@ -364,8 +370,5 @@ def update(
       Array([ 0.9, -1.9], dtype=float32)
     """
     fn = "adamx.update"
-    rule = Rule(eps_hat=eps_hat, maximize=maximize, nesterov=nesterov, amsgrad=amsgrad,
-                max_bias_corrected=max_bias_corrected, param_rounding=param_rounding)
-    rule.check(fn)
-    hp = Hyperparams(learning_rate, b1, b2, eps, eps_root, weight_decay, seed).check(fn)
+    hp, rule, mask = _options.parse(fn, options)
     return step(fn, grads, state, params, hp, rule, mask)

@@ -1,4 +1,5 @@
-"""Shared test utilities: seeded trees and gradient sequences, and a plain jitted driver."""
+"""Shared test utilities: seeded trees and gradient sequences, and the one harness that runs
+steps of an optimizer over a gradient sequence (jitted, or under ``lax.scan``)."""
 
 import jax
 import jax.numpy as jnp
@@ -31,19 +32,57 @@ def grad_sequence(params, steps, seed=1, scale=1.0):
     ]
 
 
-def run(tx, params, grads_seq):
-    """Applies ``tx`` over ``grads_seq`` in a jitted step; returns the params after each step."""
-    @jax.jit
+def optax_step(tx, record="params"):
+    """A step ``(params, state, grads) -> (params, state, recorded)`` of an optax transformation:
+    ``tx.update`` then ``optax.apply_updates``, recording the new params or the updates."""
     def step(params, state, grads):
         updates, state = tx.update(grads, state, params)
-        return optax.apply_updates(params, updates), state
+        new = optax.apply_updates(params, updates)
+        return new, state, new if record == "params" else updates
 
-    state = tx.init(params)
+    return step
+
+
+def apply_step(**options):
+    """The same for ``adamx.apply(grads, state, params, **options)``, recording the new params."""
+    import adamx
+
+    def step(params, state, grads):
+        params, state = adamx.apply(grads, state, params, **options)
+        return params, state, params
+
+    return step
+
+
+def run(step, params, state, grads_seq, *, scan=False):
+    """Runs ``step`` over ``grads_seq`` from ``(params, state)``: jitted once and called per step,
+    or (``scan=True``) inside one jitted ``lax.scan``. Returns ``(recorded per step, params,
+    state)``, the records as a list of trees."""
+    if scan:
+        stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *grads_seq)
+
+        def body(carry, grads):
+            params, state, recorded = step(*carry, grads)
+            return (params, state), recorded
+
+        (params, state), records = jax.jit(
+            lambda c, xs: jax.lax.scan(body, c, xs))((params, state), stacked)
+        return [jax.tree.map(lambda x, i=i: x[i], records) for i in range(len(grads_seq))], params, state
+    jitted = jax.jit(step)
     history = []
     for grads in grads_seq:
-        params, state = step(params, state, grads)
-        history.append(params)
-    return history, state
+        params, state, recorded = jitted(params, state, grads)
+        history.append(recorded)
+    return history, params, state
+
+
+def assert_trees_equal(a, b):
+    """Same structure, and every leaf equal bit for bit (dtypes included)."""
+    assert jax.tree.structure(a) == jax.tree.structure(b), (jax.tree.structure(a),
+                                                            jax.tree.structure(b))
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        assert x.dtype == y.dtype and x.shape == y.shape, (x.dtype, y.dtype, x.shape, y.shape)
+        np.testing.assert_array_equal(x, y)
 
 
 def leaves64(tree):

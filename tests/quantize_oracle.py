@@ -2,8 +2,11 @@
 
 Nothing here imports adamx: the code tables are built from the formulas in ``adamx/_codes.py``'s
 docstring (not from its bit manipulations), rounding is a brute-force search over each table in
-float64, and the random bits are the documented hash of (seed, count, stream, element index).
+float64, and the random bits are the documented hash of (seed, count, stream, element index),
+a leaf's stream the CRC-32 of its key path.
 """
+
+import zlib
 
 import numpy as np
 
@@ -115,10 +118,15 @@ def random_bits(shape, seed, count, stream):
         return _mix32(index * np.uint32(0x9E3779B9) + key)
 
 
-MOMENT_STREAMS = 0x80000000  # the moments' streams: this bit set on the leaf's index
+MOMENTS = 0x6A09E667  # a leaf's moments draw from its stream xor this; its param, from the stream
 
 
-def moment_uniforms(shape, seed, count, leaf):
+def stream(keystr):
+    """A leaf's stream: the CRC-32 of its key path as ``jax.tree_util.keystr`` writes it."""
+    return zlib.crc32(keystr.encode())
+
+
+def moment_uniforms(shape, seed, count, keystr):
     """The uniforms of a leaf's stochastic rounding: (first moment's, second moment's)."""
-    bits = random_bits(shape, seed, count, MOMENT_STREAMS | leaf)
+    bits = random_bits(shape, seed, count, stream(keystr) ^ MOMENTS)
     return (bits & 0xFFFF) / 2.0**16, (bits >> 16) / 2.0**16

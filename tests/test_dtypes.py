@@ -122,8 +122,14 @@ def test_integer_and_boolean_params_are_not_trained_and_keep_no_moments():
     grads = jax.grad(lambda p: jnp.sum(p["w"] ** 2), allow_int=True)(params)
     assert grads["steps"].dtype == jax.dtypes.float0
     updates, _ = jax.jit(tx.update)(grads, state, params)
-    # zero updates in the gradients' dtype, as apply_if_finite's skipped step has them
-    assert updates["steps"].dtype == jax.dtypes.float0 and updates["on"].dtype == jax.dtypes.float0
+    # float0 gradients: zero updates in the params' own dtypes, which optax.apply_updates can add
+    assert updates["steps"].dtype == jnp.int32 and updates["on"].dtype == jnp.bool_
+    new = optax.apply_updates(params, updates)
+    assert int(new["steps"]) == 7 and new["on"].tolist() == [True, False]
+    # without the params, int32 zeros, which apply_updates adds to any integer or boolean param
+    updates, _ = tx.update(grads, state)
+    assert updates["steps"].dtype == updates["on"].dtype == jnp.int32
+    assert optax.apply_updates(params, updates)["on"].tolist() == [True, False]
     # integer gradients: zero integer updates, and apply_updates leaves the params as they are
     int_grads = {**grads, "steps": jnp.int32(3), "on": jnp.array([1, 1], jnp.int32)}
     updates, _ = tx.update(int_grads, state, params)

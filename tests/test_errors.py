@@ -26,12 +26,13 @@ BAD_RANGE = [
     (adamx.amsgrad, dict(learning_rate=1e-3, b1=1.0), "adamx.amsgrad: b1 must be in [0, 1), got 1.0"),
     (adamx.adamax, dict(learning_rate=1e-3, eps=math.nan),
      "adamx.adamax: eps must be finite and >= 0, got nan"),
-    (adamx.nadam, dict(learning_rate=1e-3, b2=2), "adamx.nadam: b2 must be in [0, 1), got 2"),
+    # nadam is adam with nesterov=True (a partial, as in optax), so adam checks its arguments
+    (adamx.nadam, dict(learning_rate=1e-3, b2=2), "adamx.adam: b2 must be in [0, 1), got 2"),
     (adamx.scale_by_adam, dict(b1=jnp.asarray(1.5)), "adamx.scale_by_adam: b1 must be in [0, 1)"),
     (adamx.adam, dict(learning_rate=1e-3, mu_dtype=jnp.int8),
      "adamx.adam: mu_dtype must be"),
     (adamx.amsgrad, dict(learning_rate=1e-3, eps_hat=True, max_bias_corrected=True),
-     "adamx.amsgrad: eps_hat=True uses the raw second moment"),
+     "adamx.amsgrad: eps_hat=True moves the second moment's bias correction onto the step"),
     # finite in float64, infinite in float32 (the dtype the math runs in)
     (adamx.adam, dict(learning_rate=1e39), "adamx.adam: learning_rate must be finite in float32"),
     (adamx.adam, dict(learning_rate=1e-3, eps=1e39), "adamx.adam: eps must be finite in float32"),
@@ -278,8 +279,8 @@ def test_an_amsgrad_checkpoint_restored_into_an_adam_target_is_refused(tmp_path)
 @pytest.mark.parametrize("optax_tx", [optax.adam(0.1), optax.adamw(0.1), optax.scale_by_adam()])
 def test_an_optax_state_names_adam_state_and_the_conversion(optax_tx):
     params = {"w": jnp.ones(3)}
-    with pytest.raises(TypeError, match=r"adamx.adam: state must be an adamx.AdamState .* from "
-                                        r"optax; convert it with adamx.AdamState\(count=s.count"):
+    with pytest.raises(TypeError, match=r"adamx.adam: state must be an adamx.AdamState .* an "
+                                        r"optax state: convert it with adamx.from_optax\(state\)"):
         adamx.adam(0.1).update(params, optax_tx.init(params))
 
 

@@ -126,7 +126,7 @@ def test_a_scalar_leaf_keeps_float32_moments_even_with_min_size_0(spec):
         np.testing.assert_array_equal(q_updates["s"], p_updates["s"])
 
 
-def test_int4_falls_back_to_8_bits_where_4_bits_do_not_fit():
+def test_int4_keeps_in_8bit_blocks_of_its_block_size_what_4_bits_do_not_suit():
     params = {"odd": jax.ShapeDtypeStruct((64, 129), jnp.float32),     # odd last dimension
               "flat": jax.ShapeDtypeStruct((8192,), jnp.float32),      # 1-D: no rows and columns
               "thin": jax.ShapeDtypeStruct((2, 8192), jnp.float32)}    # rows + columns > size / 32
@@ -135,5 +135,5 @@ def test_int4_falls_back_to_8_bits_where_4_bits_do_not_fit():
     assert state_bytes(state.mu["odd"]) == blocks8(64 * 129, 32)
     assert state_bytes(state.nu["odd"]) == 64 * 65 + 4 * (64 + 129)  # rank-1 pads the last axis
     assert state_bytes(state.mu["flat"]) == 8192 // 2 + 2 * 8192 // 32
-    assert state_bytes(state.nu["flat"]) == blocks8(8192, 256)
-    assert state_bytes(state.nu["thin"]) == blocks8(2 * 8192, 256)
+    assert state_bytes(state.nu["flat"]) == blocks8(8192, 32)
+    assert state_bytes(state.nu["thin"]) == blocks8(2 * 8192, 32)

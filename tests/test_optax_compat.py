@@ -7,7 +7,7 @@ import optax
 import pytest
 
 import adamx
-from tests.helpers import grad_sequence, nested_params, run
+from tests.helpers import grad_sequence, nested_params, optax_step, run
 
 STEPS = 40
 
@@ -15,8 +15,8 @@ STEPS = 40
 def assert_same_run(tx_adamx, tx_optax, *, steps=STEPS, grads=None, rtol=2e-5, atol=1e-6):
     params = nested_params()
     grads = grads or grad_sequence(params, steps)
-    got, _ = run(tx_adamx, params, grads)
-    want, _ = run(tx_optax, params, grads)
+    got, _, _ = run(optax_step(tx_adamx), params, tx_adamx.init(params), grads)
+    want, _, _ = run(optax_step(tx_optax), params, tx_optax.init(params), grads)
     for g_step, w_step in zip(got, want):
         for g, w in zip(jax.tree.leaves(g_step), jax.tree.leaves(w_step)):
             np.testing.assert_allclose(g, w, rtol=rtol, atol=atol)
@@ -93,11 +93,12 @@ def test_apply_if_finite_skips_a_nan_step_without_touching_params_or_state():
     grads = grad_sequence(params, 6)
     grads[3] = jax.tree.map(lambda g: g.at[...].set(jnp.nan) if g.ndim else g, grads[3])
     tx = optax.apply_if_finite(adamx.adam(1e-2), max_consecutive_errors=5)
-    history, _ = run(tx, params, grads)
+    history, _, _ = run(optax_step(tx), params, tx.init(params), grads)
     for before, after in zip(jax.tree.leaves(history[2]), jax.tree.leaves(history[3])):
         np.testing.assert_array_equal(before, after)
     # The skipped step left the inner state as it was: the rest equals a run without that step.
-    clean, _ = run(adamx.adam(1e-2), params, grads[:3] + grads[4:])
+    tx = adamx.adam(1e-2)
+    clean, _, _ = run(optax_step(tx), params, tx.init(params), grads[:3] + grads[4:])
     for g, w in zip(jax.tree.leaves(history[-1]), jax.tree.leaves(clean[-1])):
         np.testing.assert_allclose(g, w, rtol=1e-6)
 

@@ -28,9 +28,9 @@ SPECS = ["int8", "int4"]
 class QuantizedReference(ReferenceAdam):
     """Float64 Adam whose moments of leaves of 4,096 elements or more are stored quantized."""
 
-    def __init__(self, params, spec, **options):
+    def __init__(self, params, spec, keys, **options):
         super().__init__([(np.shape(p), False) for p in params], lr=LR, **options)
-        self.spec, self.big = spec, [np.size(p) >= 4096 for p in params]
+        self.spec, self.big, self.keys = spec, [np.size(p) >= 4096 for p in params], keys
 
     def roundtrip(self, x, signed, u):
         if self.spec == "int8":
@@ -43,7 +43,7 @@ class QuantizedReference(ReferenceAdam):
     def step(self, grads, params):
         out = super().step(grads, params)
         for i in np.flatnonzero(self.big):
-            u_m, u_v = oracle.moment_uniforms(np.shape(self.m[i]), 0, self.t, i)
+            u_m, u_v = oracle.moment_uniforms(np.shape(self.m[i]), 0, self.t, self.keys[i])
             self.m[i] = self.roundtrip(self.m[i], True, u_m)
             self.v[i] = self.roundtrip(self.v[i], False, u_v)
             self.v_max[i] = self.roundtrip(self.v_max[i], False, u_v)
@@ -72,7 +72,8 @@ def run(tx, params, grads):
 
 def run_oracle(params, grads, spec, **options):
     names = sorted(params)
-    opt = QuantizedReference([params[k] for k in names], spec, **options)
+    opt = QuantizedReference([params[k] for k in names], spec, [f"['{k}']" for k in names],
+                             **options)
     params = {k: np.asarray(v, np.float64) for k, v in params.items()}
     history = []
     for g in grads:

@@ -7,7 +7,7 @@ import optax
 import pytest
 
 import adamx
-from tests.helpers import grad_sequence, nested_params, run
+from tests.helpers import grad_sequence, nested_params, optax_step, run
 
 
 def test_assigning_a_state_field_raises():
@@ -29,7 +29,8 @@ def test_state_round_trips_through_tree_utilities():
 def test_state_round_trips_through_flax_serialization():
     from flax import serialization
     params = nested_params()
-    _, state = run(adamx.amsgrad(1e-2), params, grad_sequence(params, 3))
+    tx = adamx.amsgrad(1e-2)
+    _, _, state = run(optax_step(tx), params, tx.init(params), grad_sequence(params, 3))
     restored = serialization.from_bytes(adamx.amsgrad(1e-2).init(params),
                                         serialization.to_bytes(state))
     for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(restored)):
@@ -126,7 +127,7 @@ def test_state_round_trips_exactly_through_orbax(tmp_path):
     import orbax.checkpoint as ocp
     params = nested_params()
     tx = adamx.amsgrad(1e-2, mu_dtype=jnp.bfloat16)
-    _, state = run(tx, params, grad_sequence(params, 3))
+    _, _, state = run(optax_step(tx), params, tx.init(params), grad_sequence(params, 3))
     with ocp.StandardCheckpointer() as checkpointer:
         checkpointer.save(tmp_path / "state", state)
         checkpointer.wait_until_finished()

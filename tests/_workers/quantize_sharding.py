@@ -12,7 +12,6 @@ import numpy as np
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 import adamx
-from adamx import _formats
 
 STEPS = 4
 COLLECTIVES = ("all-gather", "all-reduce", "all-to-all", "collective-permute", "reduce-scatter")
@@ -93,15 +92,15 @@ def main():
     rows = NamedSharding(mesh, P("data", None))
     zero1 = adamx.zero1_shardings(like, mesh)
     with jax.set_mesh(mesh):
-        encode = jax.jit(lambda v: _formats.encode(v, like), in_shardings=rows, out_shardings=zero1)
-        decode = jax.jit(_formats.decode, in_shardings=(zero1,), out_shardings=rows)
+        encode = jax.jit(lambda v: like.encode(v, None), in_shardings=rows, out_shardings=zero1)
+        decode = jax.jit(lambda q: q.decode(), in_shardings=(zero1,), out_shardings=rows)
         out["rank1_encode_collectives"] = collectives(
             encode.lower(jax.ShapeDtypeStruct((64, 256), jnp.float32)).compile().as_text())
         out["rank1_decode_collectives"] = collectives(decode.lower(like).compile().as_text())
         blocks = jax.eval_shape(lambda: adamx.quantize(jnp.ones((64, 256)), "int8"))
         zero1 = adamx.zero1_shardings(blocks, mesh)
-        decode = jax.jit(_formats.decode, in_shardings=(zero1,), out_shardings=rows)
-        encode = jax.jit(lambda v: _formats.encode(v, blocks), in_shardings=rows,
+        decode = jax.jit(lambda q: q.decode(), in_shardings=(zero1,), out_shardings=rows)
+        encode = jax.jit(lambda v: blocks.encode(v, None), in_shardings=rows,
                          out_shardings=zero1)
         out["blocks_decode_collectives"] = collectives(decode.lower(blocks).compile().as_text())
         out["blocks_encode_collectives"] = collectives(
