@@ -18,14 +18,19 @@ the run). "in-loop ms/step" times ``--inner`` JAX steps inside one jitted ``fori
 training loop under ``lax.scan`` runs them), which leaves out the per-call cost of passing every
 buffer.
 
-A second table times the Optax step of ``adamx.adam`` on one 16M-element leaf in each memory mode
-(moment storage, 16-bit params and their rounding), interleaved with the float32 step, as a ratio
-to it. A mode that adamx does not support prints "unsupported" and the error.
+Then, per memory mode of adamx (moment storage, 16-bit params and their rounding; ``--modes``), in
+the same run: the optimizer step on one 4096x4096 leaf, with XLA's bytes accessed and the mode's
+floor in bytes per parameter and the compiled step's fusions; a whole training step of an MLP; and
+the compile time of the optimizer step on a nanoGPT-shaped tree; each as a ratio to float32
+``adamx.adam`` (see ``_modes.py``; these steps are always donated). A row that adamx does not
+support prints "unsupported" and the first line of its error.
 
 Usage::
 
-    python benchmarks/step_time.py                      # everything (a few minutes)
+    python benchmarks/step_time.py                      # everything (tree (b) compiles longest)
+    python benchmarks/step_time.py --quick              # a smoke run: small shapes, few repeats
     python benchmarks/step_time.py --trees a --paths adamx,optax,torch-fused --repeats 15
+    python benchmarks/step_time.py --trees "" --no-keras --modes float32,int8,bf16-stochastic
     python benchmarks/step_time.py --json results.json --no-keras --no-modes
 """
 
@@ -41,6 +46,8 @@ from pathlib import Path
 
 import numpy as np
 
+import _modes  # benchmarks/, the script's own folder, is first on sys.path
+
 BYTES_PER_PARAM = 28
 JAX_PATHS = ("adamx", "adamx-fused", "optax")
 TORCH_PATHS = ("torch-loop", "torch-foreach", "torch-fused")
@@ -54,21 +61,6 @@ TREE_NAMES = {
 LR = 1e-3
 FLOOR_ELEMENTS = 16 * 2**20
 FLOOR_BYTES = 12 * FLOOR_ELEMENTS  # read a, read b, write a
-MODE_ELEMENTS = 16 * 2**20
-# (name, param dtype, keyword arguments of adamx.adam); the first is the baseline of the ratios.
-MEMORY_MODES = (
-    ("float32 moments", "float32", {}),
-    ("mu/nu bfloat16", "float32", {"mu_dtype": "bfloat16", "nu_dtype": "bfloat16"}),
-    ("mu/nu int8", "float32", {"mu_dtype": "int8", "nu_dtype": "int8"}),
-    ("mu/nu int4", "float32", {"mu_dtype": "int4", "nu_dtype": "int4"}),
-    ("bf16 params, nearest", "bfloat16", {"param_rounding": "nearest"}),
-    ("bf16 params, stochastic", "bfloat16", {"param_rounding": "stochastic"}),
-    ("bf16 params, kahan", "bfloat16", {"param_rounding": "kahan"}),
-    ("bf16 params, stochastic, int8", "bfloat16",
-     {"param_rounding": "stochastic", "mu_dtype": "int8", "nu_dtype": "int8"}),
-    ("bf16 params, stochastic, int4", "bfloat16",
-     {"param_rounding": "stochastic", "mu_dtype": "int4", "nu_dtype": "int4"}),
-)
 
 
 def make_tree(name, seed=0):
@@ -302,6 +294,8 @@ def run_steps(trees, paths, repeats, warmup, inner, donate=True):
 
 def print_steps(results):
     """Prints the step-time tables as Markdown."""
+    if not results["trees"]:
+        return
     print(f"Bandwidth floor: {results['floor_method']}")
     for tree, entry in results["trees"].items():
         floors = entry["floor_gbps"]
@@ -326,88 +320,6 @@ def print_steps(results):
             print(f"| {path} | {r['median_ms']:.2f} | {r['gbps']:.1f} | {r['pct_floor']:.0f} "
                   f"| {ratio('x_adamx')} | {ratio('x_optax')} | {ratio('x_torch-fused')} "
                   f"| {loop} | {comp} | {ratio('compile_x_optax')} | {r['peak_rss_mb']:.0f} |")
-
-
-def mode_kwargs(kwargs):
-    """adamx keyword arguments with dtype names turned into dtypes ("int8"/"int4" stay specs)."""
-    import jax.numpy as jnp
-
-    return {k: jnp.dtype(v) if k.endswith("_dtype") and v not in ("int8", "int4") else v
-            for k, v in kwargs.items()}
-
-
-def bench_mode(param_dtype, kwargs, donate=True):
-    """The Optax step of ``adamx.adam(LR, **kwargs)`` on one 16M leaf of ``param_dtype``.
-
-    Returns:
-      (a blocking call of one step, the state's bytes per parameter). Raises whatever adamx
-      raises for a mode it does not support, at init, trace, compile or the first call.
-    """
-    import jax
-    import jax.numpy as jnp
-    import optax
-
-    import adamx
-
-    rng = np.random.default_rng(0)
-    dtype = jnp.dtype(param_dtype)
-    params = {"w": jnp.asarray(rng.standard_normal(MODE_ELEMENTS, dtype=np.float32)).astype(dtype)}
-    grads = {"w": jnp.asarray(rng.standard_normal(MODE_ELEMENTS, dtype=np.float32)).astype(dtype)}
-    opt = adamx.adam(LR, **mode_kwargs(kwargs))
-    state = jax.jit(opt.init)(params)
-
-    def step(params, state, grads):
-        updates, state = opt.update(grads, state, params)
-        return optax.apply_updates(params, updates), state
-
-    compiled = jax.jit(step, donate_argnums=(0, 1) if donate else ()).lower(
-        params, state, grads).compile()
-    carry = [params, state]
-
-    def call():
-        carry[0], carry[1] = compiled(carry[0], carry[1], grads)
-        jax.block_until_ready(carry)
-
-    call()
-    state_bytes = sum(x.nbytes for x in jax.tree.leaves(carry[1])) / MODE_ELEMENTS
-    return call, state_bytes
-
-
-def run_modes(repeats, warmup, donate=True):
-    """Step time of each memory mode, interleaved, as a ratio to the first (float32) mode."""
-    results, calls = {}, {}
-    for name, param_dtype, kwargs in MEMORY_MODES:
-        entry = {"params": param_dtype, "kwargs": kwargs}
-        try:
-            calls[name], entry["state_bytes_per_param"] = bench_mode(param_dtype, kwargs, donate)
-        except Exception as e:  # noqa: BLE001 - modes are being built; report, don't crash
-            entry["unsupported"] = f"{type(e).__name__}: {e}".splitlines()[0][:200]
-        results[name] = entry
-        print(f"  mode {name}: {'built' if name in calls else 'unsupported'}", file=sys.stderr,
-              flush=True)
-    timed = time_calls(calls, repeats, warmup)
-    base = timed.get(MEMORY_MODES[0][0], (None,))[0]
-    for name, (med, times) in timed.items():
-        results[name].update(median_ms=med, times_ms=times)
-        if base:
-            results[name]["x_float32"] = med / base
-    return results
-
-
-def print_modes(results):
-    """Prints the memory-mode table as Markdown."""
-    print(f"\nUpdate cost of each memory mode relative to the float32 update (adamx.adam Optax "
-          f"step, one {MODE_ELEMENTS:,}-element leaf, donated)")
-    print("| mode | params | adamx kwargs | state B/param | median ms | x float32 |")
-    print("|---|---|---|---:|---:|---:|")
-    for name, r in results.items():
-        kwargs = json.dumps(r["kwargs"])
-        if "unsupported" in r:
-            print(f"| {name} | {r['params']} | `{kwargs}` | unsupported: {r['unsupported']} | | |")
-            continue
-        ratio = f"{r['x_float32']:.2f}" if "x_float32" in r else "-"
-        print(f"| {name} | {r['params']} | `{kwargs}` | {r['state_bytes_per_param']:.2f} "
-              f"| {r['median_ms']:.2f} | {ratio} |")
 
 
 def keras_epoch_times(data, learning_rate, epochs, batch_size):
@@ -479,9 +391,12 @@ def print_training(result, epochs):
         print(f"| {name} | {r['median_epoch_s'] * 1e3:.1f} ms | {comp} |")
 
 
+QUICK = {"trees": "a,c", "repeats": 3, "warmup": 1, "inner": 0, "compile_repeats": 1, "no_keras": True}
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--trees", default=",".join(TREES), help="comma list of a,b,c")
+    parser.add_argument("--trees", default=",".join(TREES), help="comma list of a,b,c (may be empty)")
     parser.add_argument("--paths", default=",".join(ALL_PATHS), help="comma list of paths")
     parser.add_argument("--repeats", type=int, default=21, help="timed runs (median of these)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed runs first")
@@ -490,16 +405,32 @@ def main(argv=None):
                              "(no per-call dispatch of every buffer); 0 to skip")
     parser.add_argument("--epochs", type=int, default=50, help="epochs for the training table")
     parser.add_argument("--no-donate", action="store_true",
-                        help="jit the JAX steps without donating params and state")
+                        help="jit the trees' JAX steps without donating params and state (the "
+                             "memory modes' steps are always donated)")
     parser.add_argument("--no-keras", action="store_true", help="skip the training table")
-    parser.add_argument("--no-modes", action="store_true", help="skip the memory-mode table")
+    parser.add_argument("--modes", default=",".join(_modes.MODE_KEYS),
+                        help="comma list of memory modes (float32, the baseline, is always in): "
+                             + ", ".join(_modes.MODE_KEYS))
+    parser.add_argument("--compile-repeats", type=int, default=3,
+                        help="compiles of each mode's step on the nanoGPT tree (median of these)")
+    parser.add_argument("--no-modes", action="store_true", help="skip the memory-mode tables")
+    parser.add_argument("--quick", action="store_true",
+                        help="a smoke run, its numbers not for reading: trees a and c, 3 repeats, "
+                             "no fori_loop or Keras, small shapes for the modes (flags given "
+                             "still win)")
     parser.add_argument("--json", type=Path, help="also write all results to this file")
     args = parser.parse_args(argv)
+    if args.quick:
+        parser.set_defaults(**QUICK)
+        args = parser.parse_args(argv)
     trees = [t for t in args.trees.split(",") if t]
     paths = [p for p in args.paths.split(",") if p]
-    for p in paths:
-        if p not in ALL_PATHS:
-            parser.error(f"unknown path {p!r}; choose from {', '.join(ALL_PATHS)}")
+    modes = {"float32"} | {m for m in args.modes.split(",") if m}
+    for given, known, what in ((trees, TREES, "tree"), (paths, ALL_PATHS, "path"),
+                               (modes, _modes.MODE_KEYS, "mode")):
+        for x in given:
+            if x not in known:
+                parser.error(f"unknown {what} {x!r}; choose from {', '.join(known)}")
     import jax
 
     print(f"jax {jax.__version__} on {jax.default_backend()}, {platform.processor() or platform.machine()}, "
@@ -508,8 +439,9 @@ def main(argv=None):
                         donate=not args.no_donate)
     print_steps(results)
     if not args.no_modes:
-        results["modes"] = run_modes(args.repeats, args.warmup, donate=not args.no_donate)
-        print_modes(results["modes"])
+        results["modes"] = _modes.run_modes(modes, args.repeats, args.warmup, args.compile_repeats,
+                                            time_calls, quick=args.quick)
+        _modes.print_modes(results["modes"])
     if not args.no_keras:
         results["training"] = run_training(args.epochs)
         print_training(results["training"], args.epochs)
