@@ -133,13 +133,15 @@ def _check_shape(fn, where, field, got, want, leaf):
 
 def _block_spec(moment, shape, mesh, axis, base):
     """ZeRO-1 of block formats: codes and scales split along their leading dimension together,
-    only where each device then holds whole blocks (decoding needs no neighbour's data)."""
+    only where each device then holds whole blocks (decoding needs no neighbour's data); None
+    where they cannot."""
     specs = {f: list(base[f]) for f in moment._fields}
     rows, n = moment.codes.shape[0] if moment.codes.ndim else 0, mesh.shape[axis]
     size, blocks = math.prod(shape), moment.absmax.shape[0]
-    if (not any(any(s) for s in specs.values()) and rows and rows % n == 0 and blocks % n == 0
-            and (size // n) % block_length(size, blocks) == 0):
-        specs["codes"][0] = specs["absmax"][0] = axis
+    if (any(any(s) for s in specs.values()) or not rows or rows % n or blocks % n
+            or (size // n) % block_length(size, blocks)):
+        return None
+    specs["codes"][0] = specs["absmax"][0] = axis
     return specs
 
 
@@ -215,7 +217,9 @@ class Int8Blocks(NamedTuple):
         _check_shape(fn, where, "codes", self.codes.shape, shape, shape)
         _check_blocks(fn, where, self.absmax, shape)
 
-    def zero1_specs(self, mesh, axis, base) -> dict:
+    def zero1_specs(self, mesh, axis, base) -> Optional[dict]:
+        """The partition specs of its arrays split over ``axis`` as one unit (from their ``base``
+        specs), or None where it cannot split."""
         return _block_spec(self, self.leaf_shape, mesh, axis, base)
 
 
@@ -361,9 +365,9 @@ class Int4Rank1(NamedTuple):
         """Codes and ``row_max`` split by rows; ``col_max`` stays whole (each step's new one is a
         maximum over all rows: one all-reduce of that small vector, which XLA inserts)."""
         specs = {f: list(base[f]) for f in self._fields}
-        rows = self.codes.shape[0]
-        if not any(any(s) for s in specs.values()) and rows % mesh.shape[axis] == 0:
-            specs["codes"][0] = specs["row_max"][0] = axis
+        if any(any(s) for s in specs.values()) or self.codes.shape[0] % mesh.shape[axis]:
+            return None
+        specs["codes"][0] = specs["row_max"][0] = axis
         return specs
 
 

@@ -34,25 +34,63 @@ def _uses_axis(entry: Any, axis: str) -> bool:
     return entry == axis or (isinstance(entry, tuple) and axis in entry)
 
 
-def _zero1_spec(leaf: Any, mesh: Mesh, axis: str) -> PartitionSpec:
-    """Put `axis` on the largest free dimension of `leaf` that `mesh.shape[axis]` divides."""
+def _zero1_spec(leaf: Any, mesh: Mesh, axis: str, dim: Any = "largest") -> PartitionSpec:
+    """Put `axis` on dimension `dim` of `leaf` (by default the largest free one that
+    `mesh.shape[axis]` divides), unless its spec uses `axis` already or `dim` does not divide."""
     spec = _base_spec(leaf, mesh)
     if any(_uses_axis(entry, axis) for entry in spec):
         return PartitionSpec(*spec)
     size = mesh.shape[axis]
     free = [d for d, entry in enumerate(spec) if entry is None and leaf.shape[d] % size == 0]
-    if free:
+    if dim == "largest" and free:
         # max() keeps the first of equal sizes, so ties go to the leading dimension.
         spec[max(free, key=lambda d: leaf.shape[d])] = axis
+    elif dim in free:
+        spec[dim] = axis
     return PartitionSpec(*spec)
 
 
-def _leaf_shardings(leaf: Any, mesh: Mesh, axis: str) -> Any:
-    if not is_quantized(leaf):
-        return NamedSharding(mesh, _zero1_spec(leaf, mesh, axis))
-    base = {field: _base_spec(getattr(leaf, field), mesh) for field in leaf._fields}
-    specs = leaf.zero1_specs(mesh, axis, base)
-    return type(leaf)(*(NamedSharding(mesh, PartitionSpec(*specs[f])) for f in leaf._fields))
+def _base_specs(moment: Any, mesh: Mesh) -> dict:
+    return {field: _base_spec(getattr(moment, field), mesh) for field in moment._fields}
+
+
+def _quantized_shardings(moment: Any, mesh: Mesh, axis: str, split: bool) -> Any:
+    base = _base_specs(moment, mesh)
+    specs = moment.zero1_specs(mesh, axis, base) if split else base
+    return type(moment)(*(NamedSharding(mesh, PartitionSpec(*specs[f])) for f in moment._fields))
+
+
+def _leaf_shardings(entries: list, mesh: Mesh, axis: str) -> list:
+    """ZeRO-1 of one param's entries in the state (its mu, nu, nu_max, compensation; None where
+    absent): one split for all of them, since the step combines them elementwise. Plain arrays
+    split along their largest free dimension; beside a quantized moment, which splits as one
+    unit along its leading dimension or not at all, every entry splits there or not at all."""
+    quantized = [x for x in entries if is_quantized(x)]
+    split = all(q.zero1_specs(mesh, axis, _base_specs(q, mesh)) is not None for q in quantized)
+    dim = "largest" if not quantized else (0 if split else None)
+
+    def shard(x):
+        if x is None:
+            return None
+        if is_quantized(x):
+            return _quantized_shardings(x, mesh, axis, split)
+        return NamedSharding(mesh, _zero1_spec(x, mesh, axis, dim))
+
+    return [shard(x) for x in entries]
+
+
+def _state_shardings(state: Any, mesh: Mesh, axis: str) -> Any:
+    """ZeRO-1 of an AdamState: per param, one split for all its entries."""
+    from adamx._state import LEAF_FIELDS
+
+    is_entry = lambda x: x is None or is_quantized(x)  # noqa: E731
+    flat = {name: jax.tree.flatten(getattr(state, name), is_leaf=is_entry)
+            for name in LEAF_FIELDS if getattr(state, name) is not None}
+    per_leaf = zip(*(leaves for leaves, _ in flat.values()))
+    split = [_leaf_shardings(list(entries), mesh, axis) for entries in per_leaf]
+    fields = {name: treedef.unflatten([s[i] for s in split])
+              for i, (name, (_, treedef)) in enumerate(flat.items())}
+    return state._replace(count=NamedSharding(mesh, _zero1_spec(state.count, mesh, axis)), **fields)
 
 
 def zero1_shardings(state: Any, mesh: Mesh, axis: str = "data") -> Any:
@@ -67,13 +105,15 @@ def zero1_shardings(state: Any, mesh: Mesh, axis: str = "data") -> Any:
        start from fully replicated.
     2. If the spec already uses ``axis``, keep it as is.
     3. Otherwise put ``axis`` on the largest dimension that is not sharded yet and whose size is
-       divisible by N; among equal sizes, the leading one.
+       divisible by N; among equal sizes, the leading one. A param's entries (its ``mu``, ``nu``,
+       ``nu_max`` and ``compensation``) split alike, since the step combines them elementwise.
     4. An array with no such dimension (scalars such as ``count``, shapes N does not divide)
        stays replicated over ``axis``: it is kept whole on every device.
 
     A quantized moment is split as one unit, along the leading dimension of its arrays, when none
     of them is sharded yet; otherwise all keep the specs they have (whole on every device unless
-    already sharded). Block-wise (:class:`adamx.Int8Blocks`, :class:`adamx.Int4Blocks`): codes and
+    already sharded). Its param's other entries then split along that leading dimension too,
+    or not at all. Block-wise (:class:`adamx.Int8Blocks`, :class:`adamx.Int4Blocks`): codes and
     ``absmax`` split only into N parts of whole blocks, so decoding needs no communication.
     Rank-1 (:class:`adamx.Int4Rank1`): codes and ``row_max`` split by rows when N divides the
     rows, ``col_max`` stays whole; each step's new ``col_max`` (a maximum over all rows) is one
@@ -106,8 +146,13 @@ def zero1_shardings(state: Any, mesh: Mesh, axis: str = "data") -> Any:
             f"adamx.zero1_shardings: axis must be one of the mesh axes {mesh.axis_names}, "
             f"got {axis!r}"
         )
-    return jax.tree.map(lambda leaf: _leaf_shardings(leaf, mesh, axis), state,
-                        is_leaf=is_quantized)
+    def shardings(node):
+        if isinstance(node, AdamState):
+            return _state_shardings(node, mesh, axis)
+        return _leaf_shardings([node], mesh, axis)[0]
+
+    return jax.tree.map(shardings, state,
+                        is_leaf=lambda x: isinstance(x, AdamState) or is_quantized(x))
 
 
 # ---- Host offload ---------------------------------------------------------------------------------

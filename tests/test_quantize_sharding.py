@@ -32,6 +32,12 @@ def test_zero1_and_row_sharded_runs_equal_the_single_device_run(found, spec):
     assert found[spec]["zero1_equal"] and found[spec]["follow_equal"]
 
 
+def test_zero1_of_mixed_formats_and_kahan_with_and_without_offload_equals_one_device(found):
+    # int8 mu beside float32 nu, int4 beside Kahan's compensation: a param's entries split alike
+    assert found["mixed"] == {name: {"zero1": True, "zero1+offload": True}
+                              for name in found["mixed"]} and len(found["mixed"]) == 4
+
+
 def test_zero1_splits_8bit_blocks_with_their_scales_or_not_at_all(found):
     specs = found["int8"]["zero1_specs"]
     for moment in ("mu", "nu"):
