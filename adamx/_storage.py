@@ -46,7 +46,8 @@ def check_spec(fn: str, name: str, spec: Any) -> Spec:
     allowed = (jnp.floating,) if name == "nu_dtype" else (jnp.floating, jnp.complexfloating)
     if (dtype is None or not any(jnp.issubdtype(dtype, kind) for kind in allowed)
             or jnp.finfo(dtype).bits < 16 or (name == "nu_dtype" and dtype == jnp.float16)):
-        shown = f'"{spec}"' if isinstance(spec, str) else repr(spec)
+        shown = f'"{spec}"' if isinstance(spec, str) else dtype.name if dtype is not None else (
+            repr(spec))
         hint = ""
         if dtype == jnp.float16 and name == "nu_dtype":
             hint = (" (a float16 second moment underflows to 0 for gradients below 8e-3, and the "

@@ -312,3 +312,35 @@ def test_traced_hyperparameters_are_checked_under_checkify_on_request():
     np.testing.assert_allclose(updates, -0.1, rtol=1e-6)  # the first step: -lr * sign(g)
     with pytest.raises(ValueError, match=r"adamx.check_hyperparams: b1 must be in \[0, 1\), got 2"):
         adamx.check_hyperparams(b1=2)  # concrete values raise at once
+
+
+def test_inject_hyperparams_of_amsgrad_steps_under_jit_without_params():
+    # amsgrad's weight_decay defaults to None, which inject_hyperparams leaves static; a 0.0 default
+    # became a tracer there that could not be told from a decay needing the params
+    tx = optax.inject_hyperparams(adamx.amsgrad)(learning_rate=0.1)
+    params = {"w": jnp.ones(3)}
+    updates, _ = jax.jit(tx.update)(params, tx.init(params))
+    want, _ = adamx.amsgrad(0.1).update(params, adamx.amsgrad(0.1).init(params))
+    np.testing.assert_array_equal(updates["w"], want["w"])
+    decayed = optax.inject_hyperparams(adamx.amsgrad)(learning_rate=0.1, weight_decay=0.1)
+    with pytest.raises(ValueError, match="adamx.amsgrad: weight decay needs the params"):
+        jax.jit(decayed.update)(params, decayed.init(params))
+
+
+@pytest.mark.parametrize("spec", [adamx.Int8Spec, adamx.Int4Spec])
+@pytest.mark.parametrize("block_size", [0, 3])
+def test_spec_classes_check_themselves_when_built(spec, block_size):
+    # Int8Spec(block_size=0) divided by zero at init; block_size=3 built a state its update refused
+    with pytest.raises(ValueError, match=rf"adamx.{spec.__name__}: block_size must be a power of "
+                                         rf"two in \[2, 2\*\*30\], got {block_size}"):
+        spec(block_size=block_size)
+
+
+@pytest.mark.parametrize("bits, error, message", [
+    (jnp.zeros(3, jnp.uint32), ValueError, r"random_bits must have x's shape \(4,\), got \(3,\)"),
+    (jnp.zeros(5, jnp.uint32), ValueError, r"random_bits must have x's shape \(4,\), got \(5,\)"),
+    (jnp.zeros(4, jnp.int32), TypeError, "random_bits must be uint32, got int32"),
+])
+def test_quantize_refuses_random_bits_that_do_not_fit(bits, error, message):
+    with pytest.raises(error, match="adamx.quantize: " + message):
+        adamx.quantize(jnp.ones(4), random_bits=bits)

@@ -137,3 +137,34 @@ def test_int4_keeps_in_8bit_blocks_of_its_block_size_what_4_bits_do_not_suit():
     assert state_bytes(state.mu["flat"]) == 8192 // 2 + 2 * 8192 // 32
     assert state_bytes(state.nu["flat"]) == blocks8(8192, 32)
     assert state_bytes(state.nu["thin"]) == blocks8(2 * 8192, 32)
+
+
+def test_a_float16_second_moment_is_refused_where_it_would_underflow():
+    # (1 - b2) g**2 = 1e-9 for g = 1e-3 underflows float16 to 0, and the step divides by eps:
+    # an update of 1e2 from a learning rate of 1e-3
+    with pytest.raises(ValueError, match="adamx.adam: nu_dtype must be one of .*got float16 "
+                                         r"\(a float16 second moment underflows"):
+        adamx.adam(1e-3, nu_dtype=jnp.float16)
+    state = adamx.init({"w": jnp.ones(3)}, nu_dtype=jnp.bfloat16)
+    state = state.replace(nu={"w": state.nu["w"].astype(jnp.float16)})
+    with pytest.raises(ValueError, match=r"adamx.update: state.nu\['w'\] is float16"):
+        adamx.update({"w": jnp.full(3, 1e-3)}, state, learning_rate=1e-3)
+
+
+def test_a_state_stored_otherwise_than_the_transformation_stores_it_is_refused():
+    # a float32 state restored into a bfloat16-moment transformation used to train on in float32
+    params = {"w": jnp.ones((64, 128))}
+    tx = adamx.adam(1e-3, mu_dtype=jnp.bfloat16, nu_dtype=jnp.bfloat16)
+    with pytest.raises(ValueError, match=r"adamx.adam: state.mu\['w'\] is a float32\[64, 128\], "
+                                         r"but this transformation keeps mu_dtype=bfloat16"):
+        tx.update(params, adamx.adam(1e-3).init(params))
+    quantized = adamx.adam(1e-3, mu_dtype="int8")
+    with pytest.raises(ValueError, match=r"state.mu\['w'\] is an Int4Blocks, but this "
+                                         r"transformation keeps mu_dtype=Int8Spec"):
+        quantized.update(params, adamx.adam(1e-3, mu_dtype="int4").init(params))
+    with pytest.raises(ValueError, match=r"adamx.adam: state.mu\['w'\] is an Int8Blocks, but "
+                                         r"this transformation keeps mu_dtype=None"):
+        adamx.adam(1e-3).update(params, quantized.init(params))
+    # the transformation's own state, and the functional update with any state, pass
+    tx.update(params, tx.init(params))
+    adamx.update(params, quantized.init(params), learning_rate=1e-3)

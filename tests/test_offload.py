@@ -66,3 +66,24 @@ def test_an_eager_update_of_an_offloaded_state_matches_too():
     u2, s2 = tx.update(grads, offloaded, params)
     np.testing.assert_array_equal(np.asarray(u1["w"]), np.asarray(u2["w"]))
     assert s2.mu["w"].sharding.memory_kind == "pinned_host"
+
+
+@pytest.mark.parametrize("wrap", ["chain", "inject_hyperparams"])
+def test_offload_finds_the_adam_state_inside_a_chain_or_inject_hyperparams(wrap):
+    params = {"w": jnp.ones((4, 3))}
+    if wrap == "chain":
+        tx = optax.chain(optax.clip_by_global_norm(1.0), adamx.adam(1e-2))
+    else:
+        tx = optax.inject_hyperparams(adamx.adam)(learning_rate=1e-2)
+    state = tx.init(params)
+    shardings = adamx.host_offload_shardings(state)
+    inner = shardings[1] if wrap == "chain" else shardings.inner_state
+    assert inner.mu["w"].memory_kind == inner.nu["w"].memory_kind == "pinned_host"
+    outside = [s.memory_kind for s in jax.tree.leaves(shardings)
+               if s not in (inner.mu["w"], inner.nu["w"])]
+    assert outside and set(outside) == {"device"}
+    offloaded = jax.device_put(state, shardings)
+    step = jax.jit(tx.update)
+    got, _ = step(params, offloaded, params)
+    want, _ = step(params, state, params)
+    np.testing.assert_array_equal(got["w"], want["w"])

@@ -233,3 +233,63 @@ def test_rounding_modes_need_the_params_and_leave_wider_dtypes_alone():
     updates, _ = tx.update(params, tx.init(params), params)
     nearest, _ = adamx.adam(1e-3).update(params, adamx.adam(1e-3).init(params), params)
     np.testing.assert_array_equal(np.asarray(updates["f"]), np.asarray(nearest["f"]))
+
+
+# ---- findings of the fuzz pass and the nanoGPT client ---------------------------------------------
+
+def test_two_instances_under_multi_transform_round_on_independent_bits_by_default():
+    # A nanoGPT port ran two adamw instances (decayed and not) under optax.multi_transform; with the
+    # default seed both rounded leaf k of their partition on the same bits. Bits now follow each
+    # leaf's key path, so the two leaves' rounding decisions agree only as often as chance has it.
+    n, lr = 100_000, 1e-3
+    params = {"a": jnp.full(n, 1.0, jnp.bfloat16), "b": jnp.full(n, 1.0, jnp.bfloat16)}
+    tx = optax.multi_transform(
+        {"a": adamx.adamw(lr, eps=0.0, param_rounding="stochastic"),
+         "b": adamx.adam(lr, eps=0.0, param_rounding="stochastic")}, {"a": "a", "b": "b"})
+    updates, _ = jax.jit(tx.update)(jax.tree.map(jnp.ones_like, params), tx.init(params), params)
+    up_a = np.asarray(updates["a"]) != np.asarray(updates["a"]).min()
+    up_b = np.asarray(updates["b"]) != np.asarray(updates["b"]).min()
+    p = np.mean(up_a)  # both leaves take the same step: the same probability of rounding up
+    chance = p * p + (1 - p) * (1 - p)
+    assert abs(np.mean(up_a == up_b) - chance) < 5 * np.sqrt(chance * (1 - chance) / n)
+
+
+def test_kahan_with_params_cast_after_init_names_the_leaf():
+    params = {"w": jnp.ones(8)}
+    tx = adamx.adam(1e-2, param_rounding="kahan")
+    state = tx.init(params)  # float32 params: no compensation
+    half = jax.tree.map(lambda x: x.astype(jnp.bfloat16), params)
+    with pytest.raises(ValueError, match=r"adamx.adam: params\['w'\] is bfloat16\[8\], but "
+                                         r"state.compensation\['w'\] is None"):
+        tx.update(half, state, half)
+
+
+def test_a_hypergradient_passes_straight_through_stochastic_rounding():
+    # d(new param)/d(learning rate): nearest and Kahan pass it through the cast; stochastic
+    # rounding does too (a straight-through estimate), and its value is the closed form -sign(g)
+    # of the first step, as nearest's is.
+    params, grads = jnp.full(4, 1.0, jnp.bfloat16), jnp.array([1.0, -1.0, 2.0, -3.0], jnp.bfloat16)
+
+    def new_param_sum(lr, rounding):
+        tx = adamx.adam(lr, eps=0.0, param_rounding=rounding)
+        updates, _ = tx.update(grads, tx.init(params), params)
+        return jnp.sum(optax.apply_updates(params, updates).astype(jnp.float32) * jnp.arange(4.0))
+
+    want = float(np.sum(-np.sign(np.asarray(grads, np.float32)) * np.arange(4.0)))
+    for rounding in ("nearest", "stochastic", "kahan"):
+        # to bfloat16's precision: the tangent passes through the params' bfloat16 casts
+        assert float(jax.grad(new_param_sum)(jnp.float32(1e-3), rounding)) == pytest.approx(
+            want, rel=2**-6)
+
+
+@pytest.mark.parametrize("seed, message", [(jnp.float32(3.0), r"a traced float32\[\]"),
+                                           (jnp.zeros(2, jnp.int32), r"a traced int32\[2\]")])
+def test_a_traced_seed_must_be_an_integer_scalar(seed, message):
+    params = jnp.ones(4, jnp.bfloat16)
+
+    def step(seed):
+        return adamx.update(params, adamx.init(params), params, learning_rate=0.1,
+                            param_rounding="stochastic", seed=seed)
+
+    with pytest.raises(TypeError, match=f"adamx.update: seed must be an integer scalar, got {message}"):
+        jax.jit(step)(seed)
