@@ -114,8 +114,8 @@ def main():
     out["mixed"] = {}
     for name, (dtype, options) in mixed.items():
         tx = adamx.adam(1e-2, **options)
-        p16 = jax.tree.map(lambda x: x.astype(dtype), params)
-        g16 = [jax.tree.map(lambda x: x.astype(dtype), g) for g in grads]
+        p16 = jax.tree.map(lambda x, dtype=dtype: x.astype(dtype), params)
+        g16 = [jax.tree.map(lambda x, dtype=dtype: x.astype(dtype), g) for g in grads]
         want = run(tx, p16, g16)
         found = {}
         with jax.set_mesh(explicit):
