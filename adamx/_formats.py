@@ -22,6 +22,7 @@ import math
 from typing import Any, NamedTuple, Optional, Union
 
 import jax
+import jax.export  # jax < 0.8 does not import it with jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec

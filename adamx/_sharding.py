@@ -9,9 +9,11 @@ streaming a host-resident moment to device memory and back inside the step (`to_
 `to_memory_of`).
 """
 
+import functools
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from adamx._formats import is_quantized
@@ -137,8 +139,8 @@ def zero1_shardings(state: Any, mesh: Mesh, axis: str = "data") -> Any:
       >>> mesh = jax.make_mesh((1,), ("data",))
       >>> params = {"w": jnp.zeros((3, 8)), "b": jnp.zeros((3,))}
       >>> shardings = adamx.zero1_shardings(jax.eval_shape(adamx.init, params), mesh)
-      >>> shardings.mu["w"].spec, shardings.mu["b"].spec, shardings.count.spec
-      (P(None, 'data'), P('data',), P())
+      >>> tuple(shardings.mu["w"].spec), tuple(shardings.mu["b"].spec), tuple(shardings.count.spec)
+      ((None, 'data'), ('data',), ())
       >>> state = jax.jit(adamx.init, out_shardings=shardings)(params)
     """
     if axis not in mesh.axis_names:
@@ -171,8 +173,8 @@ def host_offload_shardings(state: Any) -> Any:
     with ZeRO-1: ``host_offload_shardings(zero1_shardings(state, mesh))``. (JAX tracks only pinned
     host memory inside a jitted step, so ``"unpinned_host"`` is not offered.)
 
-    On CPU it needs jaxlib 0.10.2 or later: earlier releases keep a host-resident array in device
-    memory inside a jitted step.
+    On CPU it needs jaxlib 0.10.2 or later, where a jitted step keeps an array in pinned host
+    memory; before, it would silently stay in device memory, so adamx refuses it there.
 
     Args:
       state: An optimizer state holding :class:`adamx.AdamState` nodes (concrete, or abstract from
@@ -183,17 +185,21 @@ def host_offload_shardings(state: Any) -> Any:
       A pytree of shardings with the structure of ``state``.
 
     Raises:
-      ValueError: If ``state`` holds no AdamState, or its devices have no pinned host memory.
-      RuntimeError: On CPU with a jaxlib older than 0.10.2.
+      ValueError: If ``state`` holds no AdamState, its devices have no pinned host memory, or
+        this jaxlib's XLA:CPU cannot keep an array there inside a step (before jaxlib 0.10.2).
 
     Example:
       >>> import jax, jax.numpy as jnp, optax, adamx
       >>> tx = optax.chain(optax.clip_by_global_norm(1.0), adamx.adam(1e-3))
       >>> state = tx.init({"w": jnp.zeros((4, 3))})
-      >>> shardings = adamx.host_offload_shardings(state)
-      >>> shardings[1].mu["w"].memory_kind, shardings[1].count.memory_kind
-      ('pinned_host', 'device')
-      >>> state = jax.device_put(state, shardings)
+      >>> try:
+      ...     shardings = adamx.host_offload_shardings(state)
+      ... except ValueError as e:  # XLA:CPU before jaxlib 0.10.2
+      ...     assert "host offload on CPU needs jaxlib >= 0.10.2" in str(e)
+      ... else:
+      ...     assert (shardings[1].mu["w"].memory_kind, shardings[1].count.memory_kind) == (
+      ...         "pinned_host", "device")
+      ...     state = jax.device_put(state, shardings)
     """
     fn = "adamx.host_offload_shardings"
 
@@ -227,25 +233,39 @@ def _check_offload(fn, sharding):
     if "pinned_host" not in kinds:
         raise ValueError(f"{fn}: the devices of this state have no 'pinned_host' memory (they "
                          f"have {sorted(kinds)})")
-    platform = next(iter(sharding.device_set)).platform
-    if platform == "cpu" and _jaxlib_version() < (0, 10, 2):
+    _check_jit_keeps_host(fn, next(iter(sharding.device_set)).platform)
+
+
+@functools.lru_cache(maxsize=None)
+def jit_keeps_pinned_host(platform: str) -> bool:
+    """Whether a jitted step on the default backend (named ``platform``, the cache's key) leaves
+    an array in pinned host memory when asked.
+
+    Compiles (never runs) ``device_put(x, Space.Host)`` of a scalar without a sharding of its
+    own, the move adamx makes inside a step, and reads where the result lands: XLA:CPU before
+    jaxlib 0.10.2 leaves it in device memory without a word.
+    """
+    del platform
+    compiled = jax.jit(lambda x: jax.device_put(x, jax.memory.Space.Host)).lower(
+        jax.ShapeDtypeStruct((), jnp.float32)).compile()
+    return compiled.output_shardings.memory_kind == "pinned_host"
+
+
+def _check_jit_keeps_host(fn, platform):
+    if platform == jax.default_backend() and not jit_keeps_pinned_host(platform):
         import jaxlib
 
-        raise RuntimeError(f"{fn}: host offload on CPU needs jaxlib 0.10.2 or later (earlier "
-                           "releases keep host-resident arrays in device memory inside a jitted "
-                           f"step), and jaxlib {jaxlib.__version__} is installed")
-
-
-def _jaxlib_version() -> tuple:
-    import jaxlib
-
-    return tuple(int(part) for part in jaxlib.__version__.split(".")[:3] if part.isdigit())
+        raise ValueError(f"{fn}: host-resident moments, but XLA:{platform.upper()} in jaxlib "
+                         f"{jaxlib.__version__} keeps no array in pinned host memory inside a "
+                         "jitted step (they would silently move to device memory); host offload "
+                         "on CPU needs jaxlib >= 0.10.2")
 
 
 def to_device(moment: Any) -> Any:
     """A moment's arrays in device memory: host-resident ones are streamed in (inside a step)."""
     def move(x):
         if getattr(jax.typeof(x), "memory_space", None) == jax.memory.Space.Host:
+            _check_jit_keeps_host("adamx.update", jax.default_backend())
             return jax.device_put(x, jax.memory.Space.Device)
         return x
 

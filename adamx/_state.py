@@ -3,6 +3,7 @@
 from typing import Any, NamedTuple
 
 import jax
+import jax.export  # jax < 0.8 does not import it with jax
 import jax.numpy as jnp
 import numpy as np
 import optax

@@ -11,7 +11,10 @@ import os
 import subprocess
 import sys
 
+import jaxlib
 import pytest
+
+import adamx
 
 WORKER = os.path.join(os.path.dirname(__file__), "_workers", "quantize_sharding.py")
 
@@ -33,8 +36,13 @@ def test_zero1_and_row_sharded_runs_equal_the_single_device_run(found, spec):
 
 
 def test_zero1_of_mixed_formats_and_kahan_with_and_without_offload_equals_one_device(found):
-    # int8 mu beside float32 nu, int4 beside Kahan's compensation: a param's entries split alike
-    assert found["mixed"] == {name: {"zero1": True, "zero1+offload": True}
+    # int8 mu beside float32 nu, int4 beside Kahan's compensation: a param's entries split alike;
+    # host offload needs jaxlib 0.10.2 on CPU, and before it is refused by name
+    offload = True if adamx._sharding.jit_keeps_pinned_host("cpu") else (
+        "ValueError: adamx.host_offload_shardings: host-resident moments, but XLA:CPU in jaxlib "
+        f"{jaxlib.__version__} keeps no array in pinned host memory inside a jitted step (they "
+        "would silently move to device memory); host offload on CPU needs jaxlib >= 0.10.2")
+    assert found["mixed"] == {name: {"zero1": True, "zero1+offload": offload}
                               for name in found["mixed"]} and len(found["mixed"]) == 4
 
 

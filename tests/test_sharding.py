@@ -171,7 +171,11 @@ def test_bfloat16_params_with_rounding_train_under_zero1_and_offload_like_one_de
     assert found["max_leaf_ulps"] <= 2, found
     assert found["max_param_change"] > 10 * 2.0**-8  # the params really moved
     # offloading the ZeRO-1 state to the host changes where it lives, not one bit of the result
-    assert found["offload_equal"] and found["offload_kinds"] == ["pinned_host"], found
+    if adamx._sharding.jit_keeps_pinned_host("cpu"):
+        assert found["offload_error"] is None
+        assert found["offload_equal"] and found["offload_kinds"] == ["pinned_host"], found
+    else:  # XLA:CPU before jaxlib 0.10.2: update refuses the host-resident state, and says why
+        assert "host offload on CPU needs jaxlib >= 0.10.2" in found["offload_error"], found
     if rounding == "kahan":  # the compensation is split like the moments
         assert found["compensation_specs"]["['dense_1']['kernel']"] == "P('data', None)"
 
