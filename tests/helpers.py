@@ -1,6 +1,12 @@
 """Shared test utilities: seeded trees and gradient sequences, and the one harness that runs
 steps of an optimizer over a gradient sequence (jitted, or under ``lax.scan``)."""
 
+import functools
+import json
+import os
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -34,11 +40,12 @@ def grad_sequence(params, steps, seed=1, scale=1.0):
 
 def optax_step(tx, record="params"):
     """A step ``(params, state, grads) -> (params, state, recorded)`` of an optax transformation:
-    ``tx.update`` then ``optax.apply_updates``, recording the new params or the updates."""
+    ``tx.update`` then ``optax.apply_updates``, recording the new params, the updates, or
+    nothing (``record=None``)."""
     def step(params, state, grads):
         updates, state = tx.update(grads, state, params)
         new = optax.apply_updates(params, updates)
-        return new, state, new if record == "params" else updates
+        return new, state, {"params": new, "updates": updates, None: None}[record]
 
     return step
 
@@ -54,26 +61,37 @@ def apply_step(**options):
     return step
 
 
-def run(step, params, state, grads_seq, *, scan=False):
-    """Runs ``step`` over ``grads_seq`` from ``(params, state)``: jitted once and called per step,
-    or (``scan=True``) inside one jitted ``lax.scan``. Returns ``(recorded per step, params,
-    state)``, the records as a list of trees."""
+def run(step, params, state, grads_seq, *, scan=False, extra=()):
+    """Runs ``step`` over ``grads_seq`` from ``(params, state)``: jitted once and called per step
+    (a list of grads trees; returns the records as a list of trees), or (``scan=True``) inside
+    one jitted ``lax.scan`` (a list of trees, or one tree whose leaves have a leading axis of
+    steps; returns the records stacked likewise). ``extra`` are more arguments of ``step``,
+    passed traced (hyperparameters that change without recompiling). Returns ``(records,
+    params, state)``. Jitted per step function: a module-level step compiles once."""
     if scan:
-        stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *grads_seq)
-
-        def body(carry, grads):
-            params, state, recorded = step(*carry, grads)
-            return (params, state), recorded
-
-        (params, state), records = jax.jit(
-            lambda c, xs: jax.lax.scan(body, c, xs))((params, state), stacked)
-        return [jax.tree.map(lambda x, i=i: x[i], records) for i in range(len(grads_seq))], params, state
-    jitted = jax.jit(step)
+        if isinstance(grads_seq, list):
+            grads_seq = jax.tree.map(lambda *xs: jnp.stack(xs), *grads_seq)
+        return _scanned(step, params, state, grads_seq, tuple(extra))
     history = []
     for grads in grads_seq:
-        params, state, recorded = jitted(params, state, grads)
+        params, state, recorded = _stepped(step, params, state, grads, tuple(extra))
         history.append(recorded)
     return history, params, state
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _stepped(step, params, state, grads, extra):
+    return step(params, state, grads, *extra)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _scanned(step, params, state, stacked, extra):
+    def body(carry, grads):
+        params, state, recorded = step(*carry, grads, *extra)
+        return (params, state), recorded
+
+    (params, state), records = jax.lax.scan(body, (params, state), stacked)
+    return records, params, state
 
 
 def assert_trees_equal(a, b):
@@ -87,3 +105,45 @@ def assert_trees_equal(a, b):
 
 def leaves64(tree):
     return [np.asarray(x, np.float64) for x in jax.tree.leaves(tree)]
+
+
+def wide_params(seed=3):
+    """float32 leaves spanning the fused kernel's work split (65,536 elements and up run on
+    several threads): a 0-d leaf, an empty one, a matrix, and one of several tasks."""
+    rng = np.random.default_rng(seed)
+    tree = {f"v{n}": jnp.asarray(rng.normal(size=n), jnp.float32) for n in (1, 7, 256, 8192, 300_013)}
+    tree["scalar"] = jnp.float32(0.5)
+    tree["empty"] = jnp.zeros((0, 3), jnp.float32)
+    tree["matrix"] = jnp.asarray(rng.normal(size=(33, 17)), jnp.float32)
+    return tree
+
+
+def assert_trees_close(actual, expected, *, ulps=8, rtol=2e-6):
+    """Same structure, dtypes and shapes, and each leaf within ``rtol`` or ``ulps`` float32 ulps of
+    the largest magnitude in its expected leaf (a value near 0 keeps the absolute error of the
+    larger values it was computed from)."""
+    assert jax.tree.structure(actual) == jax.tree.structure(expected)
+    for a, e in zip(jax.tree.leaves(actual), jax.tree.leaves(expected)):
+        assert a.dtype == e.dtype and a.shape == e.shape, (a.dtype, e.dtype, a.shape, e.shape)
+        e = np.asarray(e, np.float64)
+        atol = ulps * float(np.finfo(np.float32).eps) * float(np.max(np.abs(e), initial=1.0))
+        np.testing.assert_allclose(np.asarray(a, np.float64), e, rtol=rtol, atol=atol)
+
+
+def nibbles(packed, signed):
+    """The 4-bit codes of packed bytes (two per byte along the last axis, element 2j in the low
+    nibble), as int64: two's complement nibbles where ``signed``."""
+    b = np.asarray(packed).view(np.uint8).astype(np.int64)
+    pairs = np.stack([b & 15, b >> 4], axis=-1).reshape(*b.shape[:-1], 2 * b.shape[-1])
+    return np.where(pairs > 7, pairs - 16, pairs) if signed else pairs
+
+
+def run_with_devices(code, devices):
+    """Runs the Python source ``code`` in a process of its own with ``devices`` simulated CPU
+    devices (the device count is fixed when JAX starts); returns the JSON its last line prints."""
+    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+               JAX_PLATFORMS="cpu")
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                            timeout=300, cwd=os.path.dirname(os.path.dirname(__file__)))
+    assert result.returncode == 0, result.stderr[-4000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])

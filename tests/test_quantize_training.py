@@ -18,6 +18,7 @@ import optax
 import pytest
 
 import adamx
+from tests import helpers
 from tests import quantize_oracle as oracle
 from tests.reference import ReferenceAdam
 
@@ -61,12 +62,9 @@ def problem(dtype=jnp.float32, steps=6, seed=0):
 
 
 def run(tx, params, grads):
-    step = jax.jit(tx.update)
-    state, history = tx.init(params), []
-    for g in grads:
-        updates, state = step(g, state, params)
-        params = optax.apply_updates(params, updates)
-        history.append(updates)
+    """The updates of each step of ``tx`` over ``grads``, and the last state."""
+    history, _, state = helpers.run(helpers.optax_step(tx, record="updates"), params,
+                                    tx.init(params), grads)
     return history, state
 
 

@@ -12,6 +12,7 @@ import optax
 import pytest
 
 import adamx
+from tests.helpers import optax_step, run
 from tests.reference import ReferenceAdam
 
 BF16 = ml_dtypes.bfloat16
@@ -56,16 +57,11 @@ def test_stochastic_rounding_is_a_function_of_seed_and_step_only():
     assert np.mean(np.asarray(runs[0]) != np.asarray(runs[2])) > 0.1
 
 
-def adam_steps(params, grads, *, rounding, lr, steps_in_jit=True):
+def adam_steps(params, grads, *, rounding, lr):
     """Adam over the gradient sequence ``grads`` (steps x n) in one lax.scan."""
     tx = adamx.adam(lr, param_rounding=rounding)
-
-    def body(carry, g):
-        p, state = carry
-        updates, state = tx.update(g.astype(p.dtype), state, p)
-        return (optax.apply_updates(p, updates), state), None
-
-    (p, state), _ = jax.jit(lambda p, gs: jax.lax.scan(body, (p, tx.init(p)), gs))(params, grads)
+    grads = jnp.asarray(grads).astype(params.dtype)
+    _, p, state = run(optax_step(tx, record=None), params, tx.init(params), grads, scan=True)
     return np.asarray(p, np.float64), state
 
 
@@ -168,41 +164,29 @@ def test_rounding_holds_under_apply_scan_multisteps_apply_if_finite_and_donation
               "i": jnp.zeros(3, jnp.int32)} for _ in range(6)]
     tx = adamx.adam(1e-3, param_rounding=rounding)
 
-    def loop(tx, gs, step_fn=None):
-        p, s = params, tx.init(params)
-        step_fn = step_fn or jax.jit(lambda p, s, g: (lambda u, s: (optax.apply_updates(p, u), s))(
-            *tx.update(g, s, p)))
-        for g in gs:
-            p, s = step_fn(p, s, g)
-        return p, s
+    def loop(tx, gs, scan=False):
+        return run(optax_step(tx), params, tx.init(params), gs, scan=scan)[1]
 
-    want, want_state = loop(tx, grads)
+    want = loop(tx, grads)
     # adamx.apply, jitted with donation, gives the same bits
     apply = jax.jit(lambda p, s, g: adamx.apply(g, s, p, learning_rate=1e-3,
                                                 param_rounding=rounding), donate_argnums=(0, 1))
-    got, _ = loop(tx, grads, lambda p, s, g: apply(jax.tree.map(jnp.copy, p), s, g))
+    got, state = jax.tree.map(jnp.copy, params), tx.init(params)
+    for g in grads:
+        got, state = apply(got, state, g)
     np.testing.assert_array_equal(np.asarray(got["w"]), np.asarray(want["w"]))
     np.testing.assert_array_equal(np.asarray(got["i"]), np.arange(3))
     # lax.scan carries the state
-    stacked = {"w": jnp.stack([g["w"] for g in grads])}
-
-    def body(carry, g):
-        p, s = carry
-        u, s = tx.update({"w": g["w"], "i": jnp.zeros(3, jnp.int32)}, s, p)
-        return (optax.apply_updates(p, u), s), None
-
-    (scanned, _), _ = jax.jit(lambda c, xs: jax.lax.scan(body, c, xs))((params, tx.init(params)),
-                                                                       stacked)
-    np.testing.assert_array_equal(np.asarray(scanned["w"]), np.asarray(want["w"]))
+    np.testing.assert_array_equal(np.asarray(loop(tx, grads, scan=True)["w"]), np.asarray(want["w"]))
     # apply_if_finite skips a NaN step bitwise, and the run goes on as if it never came
     bad = {"w": grads[2]["w"].at[0, 0].set(jnp.nan), "i": grads[2]["i"]}
-    guarded, _ = loop(optax.apply_if_finite(tx, 3), grads[:2] + [bad] + grads[2:])
+    guarded = loop(optax.apply_if_finite(tx, 3), grads[:2] + [bad] + grads[2:])
     np.testing.assert_array_equal(np.asarray(guarded["w"]), np.asarray(want["w"]))
     # MultiSteps(k=2): one step on the mean of each pair of gradients
     pairs = [{"w": ((a["w"].astype(jnp.float32) + b["w"].astype(jnp.float32)) / 2
                     ).astype(jnp.bfloat16), "i": a["i"]} for a, b in zip(grads[::2], grads[1::2])]
-    multi, _ = loop(optax.MultiSteps(tx, every_k_schedule=2), grads)
-    single, _ = loop(tx, pairs)
+    multi = loop(optax.MultiSteps(tx, every_k_schedule=2), grads)
+    single = loop(tx, pairs)
     np.testing.assert_array_equal(np.asarray(multi["w"]), np.asarray(single["w"]))
 
 
