@@ -147,3 +147,69 @@ def run_with_devices(code, devices):
                             timeout=300, cwd=os.path.dirname(os.path.dirname(__file__)))
     assert result.returncode == 0, result.stderr[-4000:]
     return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def orbax_roundtrip(tree, directory):
+    """``tree`` saved with orbax's StandardCheckpointer under ``directory`` and restored into its
+    own abstract structure."""
+    import orbax.checkpoint as ocp
+
+    with ocp.StandardCheckpointer() as checkpointer:
+        checkpointer.save(directory / "state", tree)
+        checkpointer.wait_until_finished()
+        return checkpointer.restore(directory / "state", jax.eval_shape(lambda: tree))
+
+
+def run_worker(name, timeout=300):
+    """Runs ``tests/_workers/<name>.py`` on 8 simulated CPU devices in a process of its own and
+    returns the JSON object it prints last."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+               JAX_PLATFORMS="cpu")
+    result = subprocess.run([sys.executable, os.path.join(root, "tests", "_workers", f"{name}.py")],
+                            env=env, cwd=root, capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def run_processes(argvs, env, timeout, logs):
+    """Runs one process per argument list at once, each writing to its own log file under the
+    directory ``logs`` (pipes read one after another could fill and stall the other processes
+    of a collective), and kills any still running after ``timeout`` seconds. Returns
+    ``(return codes, outputs)``."""
+    import subprocess
+
+    procs, files = [], []
+    try:
+        for rank, argv in enumerate(argvs):
+            files.append(open(logs / f"process_{rank}.log", "w+"))
+            procs.append(subprocess.Popen(argv, env=env, stdout=files[-1],
+                                          stderr=subprocess.STDOUT, text=True))
+        for proc in procs:
+            proc.wait(timeout=timeout)
+        outputs = []
+        for log in files:
+            log.seek(0)
+            outputs.append(log.read())
+        return [proc.returncode for proc in procs], outputs
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        for log in files:
+            log.close()
+
+
+def free_port():
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

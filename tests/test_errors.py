@@ -327,15 +327,6 @@ def test_inject_hyperparams_of_amsgrad_steps_under_jit_without_params():
         jax.jit(decayed.update)(params, decayed.init(params))
 
 
-@pytest.mark.parametrize("spec", [adamx.Int8Spec, adamx.Int4Spec])
-@pytest.mark.parametrize("block_size", [0, 3])
-def test_spec_classes_check_themselves_when_built(spec, block_size):
-    # Int8Spec(block_size=0) divided by zero at init; block_size=3 built a state its update refused
-    with pytest.raises(ValueError, match=rf"adamx.{spec.__name__}: block_size must be a power of "
-                                         rf"two in \[2, 2\*\*30\], got {block_size}"):
-        spec(block_size=block_size)
-
-
 @pytest.mark.parametrize("bits, error, message", [
     (jnp.zeros(3, jnp.uint32), ValueError, r"random_bits must have x's shape \(4,\), got \(3,\)"),
     (jnp.zeros(5, jnp.uint32), ValueError, r"random_bits must have x's shape \(4,\), got \(5,\)"),

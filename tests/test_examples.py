@@ -37,6 +37,8 @@ import flax_mlp  # noqa: E402
 import flax_nnx_mlp  # noqa: E402
 import quickstart  # noqa: E402
 
+from tests.helpers import free_port, run_processes  # noqa: E402
+
 TIMEOUT_S = 240
 
 
@@ -138,11 +140,6 @@ def test_run_killed_mid_way_and_resumed_ends_bitwise_equal_to_uninterrupted(tmp_
     assert resumed["history"] == uninterrupted["history"]
 
 
-def free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
 
 def test_data_parallel_two_processes_with_zero1_end_equal_to_single_device_optax(tmp_path):
     """The README's two-process command (with --zero1) against optax.adam on one device."""
@@ -151,23 +148,13 @@ def test_data_parallel_two_processes_with_zero1_end_equal_to_single_device_optax
                JAX_PLATFORMS="cpu")
     coordinator = f"127.0.0.1:{free_port()}"
     saved = tmp_path / "params.npz"
-    procs = []
-    try:
-        for rank in range(2):
-            procs.append(subprocess.Popen(
-                [sys.executable, str(EXAMPLES / "data_parallel.py"), "--num-processes", "2",
-                 "--process-id", str(rank), "--coordinator", coordinator, "--epochs", "1",
-                 "--steps", str(steps), "--learning-rate", str(learning_rate), "--zero1",
-                 "--save", str(saved)],
-                env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-        outputs = [proc.communicate(timeout=TIMEOUT_S)[0] for proc in procs]
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-    for proc, output in zip(procs, outputs):
-        assert proc.returncode == 0, output[-4000:]
+    codes, outputs = run_processes(
+        [[sys.executable, str(EXAMPLES / "data_parallel.py"), "--num-processes", "2",
+          "--process-id", str(rank), "--coordinator", coordinator, "--epochs", "1",
+          "--steps", str(steps), "--learning-rate", str(learning_rate), "--zero1",
+          "--save", str(saved)] for rank in range(2)], env, TIMEOUT_S, tmp_path)
+    for code, output in zip(codes, outputs):
+        assert code == 0, output[-4000:]
         assert "devices: 4 in 2 process(es)" in output
     checksums = [re.findall(r"params checksum: (\S+)", output) for output in outputs]
     assert checksums[0] == checksums[1] and len(checksums[0]) == 1

@@ -10,14 +10,14 @@ data (`tests/_workers/mlp.py`).
 
 import importlib.util
 import os
-import socket
-import subprocess
 import sys
 
 import jax
 import numpy as np
 import optax
 import pytest
+
+from tests.helpers import free_port, run_processes
 
 WORKERS = os.path.join(os.path.dirname(__file__), "_workers")
 WORKER = os.path.join(WORKERS, "two_process_training.py")
@@ -27,11 +27,6 @@ TIMEOUT_S = 240
 # rounding in a different order); the params move ~0.1.
 FLOAT32_TOLERANCE = 1e-5
 
-
-def free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def load_mlp():
@@ -46,30 +41,11 @@ def run_two_processes(tmp_path):
     coordinator = f"127.0.0.1:{free_port()}"
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
                JAX_PLATFORMS="cpu")
-    procs, logs = [], []
-    try:
-        for rank in range(2):
-            log = open(tmp_path / f"process_{rank}.log", "w+")
-            logs.append(log)
-            procs.append(subprocess.Popen(
-                [sys.executable, WORKER, str(rank), coordinator, str(STEPS), str(LEARNING_RATE),
-                 str(tmp_path / f"params_{rank}.npz")],
-                env=env, stdout=log, stderr=subprocess.STDOUT))
-        for proc in procs:
-            proc.wait(timeout=TIMEOUT_S)
-        outputs = []
-        for log in logs:
-            log.seek(0)
-            outputs.append(log.read())
-        for proc, output in zip(procs, outputs):
-            assert proc.returncode == 0, output[-4000:]
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-        for log in logs:
-            log.close()
+    codes, outputs = run_processes(
+        [[sys.executable, WORKER, str(rank), coordinator, str(STEPS), str(LEARNING_RATE),
+          str(tmp_path / f"params_{rank}.npz")] for rank in range(2)], env, TIMEOUT_S, tmp_path)
+    for code, output in zip(codes, outputs):
+        assert code == 0, output[-4000:]
     params = []
     for rank in range(2):
         with np.load(tmp_path / f"params_{rank}.npz") as saved:

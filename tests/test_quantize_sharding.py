@@ -6,28 +6,16 @@ as JSON, and each test makes one claim about it. The oracles: the single-device 
 split rule, byte counts of each device's shards, and the collectives in the compiled HLO.
 """
 
-import json
-import os
-import subprocess
-import sys
-
 import jaxlib
 import pytest
 
 import adamx
-
-WORKER = os.path.join(os.path.dirname(__file__), "_workers", "quantize_sharding.py")
+from tests.helpers import run_worker
 
 
 @pytest.fixture(scope="module")
 def found():
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
-               JAX_PLATFORMS="cpu")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    result = subprocess.run([sys.executable, WORKER], env=env, cwd=root, capture_output=True,
-                            text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-4000:]
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    return run_worker("quantize_sharding")
 
 
 @pytest.mark.parametrize("spec", ["int8", "int4"])

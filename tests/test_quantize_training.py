@@ -1,11 +1,6 @@
-"""Quantized moments in training: the float64 oracle with NumPy-quantized moments, edge gradients,
-and the state's life (scan, cond, MultiSteps, apply_if_finite, flax.serialization, orbax, export).
-
-The oracle is ``tests/reference.py``'s float64 Adam whose big leaves' moments go through
-``tests/quantize_oracle.py`` after each step, stochastically rounded on the documented random bits
-of (seed 0, step, leaf): the update is computed from the moments before they are stored, and the
-stored ones are what the next step reads.
-"""
+"""Quantized moments in training: the float64 oracle with NumPy-quantized moments (see
+``tests/quantized_training.py``), edge gradients, and the state's life (scan, cond, MultiSteps,
+apply_if_finite, flax.serialization, orbax, export)."""
 
 import os
 import subprocess
@@ -19,82 +14,9 @@ import pytest
 
 import adamx
 from tests import helpers
-from tests import quantize_oracle as oracle
-from tests.reference import ReferenceAdam
+from tests.quantized_training import LR, assert_updates_match, problem, run, run_oracle
 
-LR = 1e-2
 SPECS = ["int8", "int4"]
-
-
-class QuantizedReference(ReferenceAdam):
-    """Float64 Adam whose moments of leaves of 4,096 elements or more are stored quantized."""
-
-    def __init__(self, params, spec, keys, **options):
-        super().__init__([(np.shape(p), False) for p in params], lr=LR, **options)
-        self.spec, self.big, self.keys = spec, [np.size(p) >= 4096 for p in params], keys
-
-    def roundtrip(self, x, signed, u):
-        if self.spec == "int8":
-            table = oracle.SIGNED8 if signed else oracle.UNSIGNED8
-            return oracle.roundtrip_blocks(x, 256, table, u, no_zero=not signed)
-        if signed:
-            return oracle.roundtrip_blocks(x, 32, oracle.SQUARE4, u, scale_up=oracle.bfloat16_up)
-        return oracle.roundtrip_rank1(x, u)
-
-    def step(self, grads, params):
-        out = super().step(grads, params)
-        for i in np.flatnonzero(self.big):
-            u_m, u_v = oracle.moment_uniforms(np.shape(self.m[i]), 0, self.t, self.keys[i])
-            self.m[i] = self.roundtrip(self.m[i], True, u_m)
-            self.v[i] = self.roundtrip(self.v[i], False, u_v)
-            self.v_max[i] = self.roundtrip(self.v_max[i], False, u_v)
-        return out
-
-
-def problem(dtype=jnp.float32, steps=6, seed=0):
-    """A quantized leaf (72 x 64) beside a small float32 one, and gradients over 4 decades."""
-    rng = np.random.default_rng(seed)
-    params = {"w": jnp.asarray(rng.normal(size=(72, 64)), dtype),
-              "b": jnp.asarray(rng.normal(size=(64,)), dtype)}
-    grads = [{k: jnp.asarray(rng.normal(size=v.shape) * 10.0 ** rng.uniform(-3, 0, v.shape), dtype)
-              for k, v in params.items()} for _ in range(steps)]
-    return params, grads
-
-
-def run(tx, params, grads):
-    """The updates of each step of ``tx`` over ``grads``, and the last state."""
-    history, _, state = helpers.run(helpers.optax_step(tx, record="updates"), params,
-                                    tx.init(params), grads)
-    return history, state
-
-
-def run_oracle(params, grads, spec, **options):
-    names = sorted(params)
-    opt = QuantizedReference([params[k] for k in names], spec, [f"['{k}']" for k in names],
-                             **options)
-    params = {k: np.asarray(v, np.float64) for k, v in params.items()}
-    history = []
-    for g in grads:
-        updates = opt.step([np.asarray(g[k], np.float64) for k in names],
-                           [params[k] for k in names])
-        params = {k: params[k] + u for k, u in zip(names, updates)}
-        history.append(dict(zip(names, updates)))
-    return history
-
-
-def assert_updates_match(got, want, dtype):
-    """Per-step updates agree to the param dtype's rounding, but for rare elements one code apart.
-
-    adamx rounds float32 moments, the oracle float64 ones, on the same random bits: an element
-    within float32 rounding of a decision may take the other code, which moves its later steps.
-    """
-    for g, w in zip(got, want):
-        for k in w:
-            a, b = np.asarray(g[k], np.float64), w[k]
-            rtol = max(float(jnp.finfo(dtype).eps), 1e-5)
-            close = np.abs(a - b) <= rtol * np.abs(b) + 1e-4 * LR
-            assert np.mean(close) > 0.995, (k, np.mean(close))
-            assert np.all(np.abs(a - b) <= 1.5 * LR)
 
 
 VARIANTS = {
@@ -128,7 +50,7 @@ def test_quantized_moments_with_low_precision_params_match_the_oracle(spec, dtyp
 def test_quantized_moments_with_float64_params_in_an_x64_process():
     code = (
         "import jax.numpy as jnp, adamx\n"
-        "from tests.test_quantize_training import problem, run, run_oracle, assert_updates_match\n"
+        "from tests.quantized_training import problem, run, run_oracle, assert_updates_match\n"
         "params, grads = problem(jnp.float64)\n"
         "for spec in ('int8', 'int4'):\n"
         "    got, state = run(adamx.adam(1e-2, mu_dtype=spec, nu_dtype=spec), params, grads)\n"
@@ -269,10 +191,12 @@ def assert_same_state(a, b):
         np.testing.assert_array_equal(x, y)
 
 
-def assert_trains_on_identically(step, params, grads, a, b):
+def assert_trains_on_identically(step, params, grads, a, b, other_step=None):
+    """From states ``a`` and ``b``, ``step`` (and ``other_step`` for ``b``) give the same updates
+    and states, bit for bit."""
     for g in grads:
         u_a, a = step(g, a, params)
-        u_b, b = step(g, b, params)
+        u_b, b = (other_step or step)(g, b, params)
         np.testing.assert_array_equal(u_a["w"], u_b["w"])
     assert_same_state(a, b)
 
@@ -291,12 +215,8 @@ def test_the_state_roundtrips_through_flax_serialization(spec):
 
 @pytest.mark.parametrize("spec", SPECS)
 def test_the_state_roundtrips_through_orbax(spec, tmp_path):
-    import orbax.checkpoint as ocp
     tx, step, params, rest, state = trained_state(spec)
-    with ocp.StandardCheckpointer() as checkpointer:
-        checkpointer.save(tmp_path / "state", state)
-        checkpointer.wait_until_finished()
-        restored = checkpointer.restore(tmp_path / "state", jax.eval_shape(lambda: state))
+    restored = helpers.orbax_roundtrip(state, tmp_path)
     assert type(restored.nu["w"]) is type(state.nu["w"])
     assert_same_state(restored, state)
     assert_trains_on_identically(step, params, rest, state, restored)
@@ -307,10 +227,7 @@ def test_a_step_exports_serializes_and_runs_identically(spec):
     tx, step, params, rest, state = trained_state(spec)
     exported = jax.export.export(jax.jit(tx.update))(rest[0], state, params)
     again = jax.export.deserialize(exported.serialize())
-    u_a, a = again.call(rest[0], state, params)
-    u_b, b = step(rest[0], state, params)
-    np.testing.assert_array_equal(u_a["w"], u_b["w"])
-    assert_same_state(a, b)
+    assert_trains_on_identically(again.call, params, rest, state, state, other_step=step)
 
 
 @pytest.mark.parametrize("spec", SPECS)

@@ -12,7 +12,7 @@ import optax
 import pytest
 
 import adamx
-from tests.helpers import optax_step, run
+from tests.helpers import optax_step, orbax_roundtrip, run
 from tests.reference import ReferenceAdam
 
 BF16 = ml_dtypes.bfloat16
@@ -191,18 +191,13 @@ def test_rounding_holds_under_apply_scan_multisteps_apply_if_finite_and_donation
 
 
 def test_kahan_state_round_trips_exactly_through_orbax(tmp_path):
-    import orbax.checkpoint as ocp
-
     params = {"w": jnp.linspace(-1, 1, 300, dtype=jnp.bfloat16), "f": jnp.ones(3)}
     tx = adamx.adam(1e-3, param_rounding="kahan")
     state = tx.init(params)
     for _ in range(3):
         updates, state = tx.update(jax.tree.map(jnp.cos, params), state, params)
         params = optax.apply_updates(params, updates)
-    with ocp.StandardCheckpointer() as checkpointer:
-        checkpointer.save(tmp_path / "state", state)
-        checkpointer.wait_until_finished()
-        restored = checkpointer.restore(tmp_path / "state", jax.eval_shape(lambda: state))
+    restored = orbax_roundtrip(state, tmp_path)
     assert restored.compensation["f"] is None
     for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(restored)):
         assert a.dtype == b.dtype

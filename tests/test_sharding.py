@@ -8,19 +8,14 @@ compiled HLO's text, and ``optax.adam`` / ``optax.adamw`` on a single device. Th
 64-128-10 MLP of `tests/_workers/mlp.py`, trained on seeded NumPy data.
 """
 
-import json
-import os
-import subprocess
-import sys
-
 import jax
 import jax.numpy as jnp
 import pytest
 from jax.sharding import AbstractMesh, NamedSharding, PartitionSpec as P
 
 import adamx
+from tests.helpers import run_worker
 
-WORKER = os.path.join(os.path.dirname(__file__), "_workers", "sharding_checks.py")
 COLLECTIVES = ("all-gather", "all-to-all", "collective-permute", "all-reduce", "reduce-scatter")
 # After 10 Adam steps at lr 1e-2, adamx and optax on ONE device already differ by ~1.5e-6 (float32
 # rounding in a different order, grown by m / sqrt(v) for tiny gradients); params move ~0.1.
@@ -32,12 +27,7 @@ INT8_FLIP_TOLERANCE = 1e-2
 
 @pytest.fixture(scope="module")
 def findings():
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
-               JAX_PLATFORMS="cpu")
-    result = subprocess.run([sys.executable, WORKER], env=env, capture_output=True, text=True,
-                            timeout=300)
-    assert result.returncode == 0, result.stderr[-4000:]
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    return run_worker("sharding_checks")
 
 
 def moment_specs_follow_params(state_specs, param_specs, fields=("mu", "nu")):

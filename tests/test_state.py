@@ -7,7 +7,7 @@ import optax
 import pytest
 
 import adamx
-from tests.helpers import grad_sequence, nested_params, optax_step, run
+from tests.helpers import grad_sequence, nested_params, optax_step, orbax_roundtrip, run
 
 
 def test_assigning_a_state_field_raises():
@@ -124,14 +124,10 @@ def test_amsgrad_state_keeps_a_running_maximum():
 
 
 def test_state_round_trips_exactly_through_orbax(tmp_path):
-    import orbax.checkpoint as ocp
     params = nested_params()
     tx = adamx.amsgrad(1e-2, mu_dtype=jnp.bfloat16)
     _, _, state = run(optax_step(tx), params, tx.init(params), grad_sequence(params, 3))
-    with ocp.StandardCheckpointer() as checkpointer:
-        checkpointer.save(tmp_path / "state", state)
-        checkpointer.wait_until_finished()
-        restored = checkpointer.restore(tmp_path / "state", jax.eval_shape(lambda: state))
+    restored = orbax_roundtrip(state, tmp_path)
     assert isinstance(restored, adamx.AdamState)
     assert jax.tree.structure(restored) == jax.tree.structure(state)
     for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(restored)):

@@ -129,15 +129,20 @@ def mlp_params(mesh):
                           NamedSharding(mesh, P()))
 
 
+def zero1_state(mesh):
+    """``(params, a ZeRO-1 Adam state of them, its shardings)``; call under ``jax.set_mesh``."""
+    params = mlp_params(mesh)
+    shardings = adamx.zero1_shardings(jax.eval_shape(adamx.init, params), mesh)
+    return params, jax.jit(adamx.init, out_shardings=shardings)(params), shardings
+
+
 def zero1_bytes_check():
     """Per-device bytes of the MLP's Adam state under ZeRO-1 for N = 1, 2, 4, 8."""
     out = {}
     for n in (1, 2, 4, 8):
         mesh = jax.make_mesh((n,), ("data",), devices=jax.devices()[:n])
         with jax.set_mesh(mesh):
-            params = mlp_params(mesh)
-            shardings = adamx.zero1_shardings(jax.eval_shape(adamx.init, params), mesh)
-            state = jax.jit(adamx.init, out_shardings=shardings)(params)
+            params, state, _ = zero1_state(mesh)
             per_device = {}
             for leaf in jax.tree.leaves(state):
                 for shard in leaf.addressable_shards:
@@ -197,9 +202,7 @@ def zero1_hlo_check():
     """Collectives in the ZeRO-1 update: the updates of split leaves must be all-gathered."""
     mesh = jax.make_mesh((8,), ("data",))
     with jax.set_mesh(mesh):
-        params = mlp_params(mesh)
-        shardings = adamx.zero1_shardings(jax.eval_shape(adamx.init, params), mesh)
-        state = jax.jit(adamx.init, out_shardings=shardings)(params)
+        params, state, shardings = zero1_state(mesh)
         tx = adamx.adam(1e-3)
 
         def step(grads, state, params):

@@ -166,3 +166,19 @@ FLOAT64 = {
     "keras": ("adam", "adam_amsgrad", "adamw"),
     "optax": ("adamw_mask", "amsgrad", "nadam", "adamax"),
 }
+
+PEERS = {"optax": OPTAX, "torch": TORCH, "keras": KERAS}
+
+
+def run_case(peer, case, params, grads):
+    """``(the peer's trajectory, adamx's)`` for one case, on the same initial params and grads."""
+    from ._peers import run_keras, run_optax, run_torch
+
+    build_peer, build_adamx = PEERS[peer][case]
+    if peer == "torch":
+        expected = run_torch(build_peer, params, grads)
+    elif peer == "keras":
+        expected = run_keras(build_peer, params, grads, prepare=KERAS_PREPARE.get(case))
+    else:
+        expected = run_optax(build_peer(), params, grads)
+    return expected, run_optax(build_adamx(), params, grads)

@@ -17,16 +17,13 @@ jax.config.update("jax_enable_x64", True)
 
 import numpy as np  # noqa: E402
 
-from ._cases import FLOAT64, KERAS, KERAS_PREPARE, OPTAX, TORCH  # noqa: E402
+from ._cases import FLOAT64, run_case  # noqa: E402
 from ._keras_example import compare, data, keras_run  # noqa: E402
 from ._peers import (  # noqa: E402
     FixedGradients,
     gradient_sequence,
     initial_params,
     max_relative_error,
-    run_keras,
-    run_optax,
-    run_torch,
 )
 
 
@@ -39,20 +36,13 @@ def main():
     params0 = initial_params(0, np.float64)
     source = FixedGradients(gradient_sequence(0, np.float64))
     results = {}
-    for peer, cases in (("torch", TORCH), ("keras", KERAS), ("optax", OPTAX)):
+    for peer in ("torch", "keras", "optax"):
         available = importlib.util.find_spec(peer) is not None
         for name in FLOAT64[peer]:
-            build_peer, build_adamx = cases[name]
             if not available:
                 results[f"{peer}/{name}"] = None
                 continue
-            if peer == "torch":
-                expected = run_torch(build_peer, params0, source)
-            elif peer == "keras":
-                expected = run_keras(build_peer, params0, source, prepare=KERAS_PREPARE.get(name))
-            else:
-                expected = run_optax(build_peer(), params0, source)
-            actual = run_optax(build_adamx(), params0, source)
+            expected, actual = run_case(peer, name, params0, source)
             dtypes = {str(v.dtype) for v in (*actual.values(), *expected.values())}
             # A float32 leaf on either side would make a 1e-10 comparison meaningless.
             if dtypes == {"float64"}:

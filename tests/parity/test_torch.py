@@ -1,37 +1,11 @@
-"""adamx against torch.optim on identical gradients: Adam, AdamW, Adamax and their options.
+"""Where torch.optim's conventions are not optax's, on identical gradients (the cases that match
+are in test_parity.py)."""
 
-Each case builds a torch optimizer and the adamx transformation that reproduces it, feeds both the
-same gradients, and compares parameters after every step.
-"""
-
-import pytest
 import torch  # a peer in the `parity` extra; missing, this file fails rather than skips
 
 import adamx
 
-from ._cases import FLOAT64, TORCH
-from ._peers import LR, assert_trajectories_close, max_relative_error, run_optax, run_torch
-
-
-@pytest.mark.parametrize("case", list(TORCH))
-def test_adamx_matches_torch_float32(case, params32, fixed_grads32):
-    build_torch, build_adamx = TORCH[case]
-    expected = run_torch(build_torch, params32, fixed_grads32)
-    actual = run_optax(build_adamx(), params32, fixed_grads32)
-    assert_trajectories_close(actual, expected, rtol=2e-5)
-
-
-@pytest.mark.parametrize("case", FLOAT64["torch"])
-def test_adamx_matches_torch_float64(case, check_float64):
-    check_float64(f"torch/{case}")
-
-
-@pytest.mark.parametrize("case", ["adam", "adam_amsgrad", "adam_coupled_weight_decay", "adamw", "adamax"])
-def test_adamx_matches_torch_on_quadratic_loss_gradients(case, params32, quadratic_grads32):
-    build_torch, build_adamx = TORCH[case]
-    expected = run_torch(build_torch, params32, quadratic_grads32)
-    actual = run_optax(build_adamx(), params32, quadratic_grads32)
-    assert_trajectories_close(actual, expected, rtol=2e-5)
+from ._peers import LR, max_relative_error, run_optax, run_torch
 
 
 def test_torch_amsgrad_takes_max_of_raw_nu_not_optax_form(params32, fixed_grads32):
