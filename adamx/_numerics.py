@@ -92,19 +92,22 @@ def stream(path: tuple) -> int:
 
 def _mix32(x):
     """A bijective 32-bit mixer (lowbias32): every input bit reaches every output bit, so
-    consecutive counters give unrelated outputs."""
-    x = x ^ (x >> 16)
-    x = x * np.uint32(0x7FEB352D)
-    x = x ^ (x >> 15)
-    x = x * np.uint32(0x846CA68B)
-    return x ^ (x >> 16)
+    consecutive counters give unrelated outputs. On JAX arrays, or NumPy uint32 at trace time."""
+    with np.errstate(over="ignore"):
+        x = x ^ (x >> np.uint32(16))
+        x = x * np.uint32(0x7FEB352D)
+        x = x ^ (x >> np.uint32(15))
+        x = x * np.uint32(0x846CA68B)
+        return x ^ (x >> np.uint32(16))
 
 
 def bits_key(seed, count, stream):
-    """The uint32 key of one leaf's random bits at one step."""
-    key = _mix32(jnp.asarray(seed, jnp.uint32) ^ np.uint32(0x9E3779B9))
-    key = _mix32(key ^ jnp.asarray(count, jnp.uint32))
-    return _mix32(key ^ np.uint32(stream & 0xFFFFFFFF))
+    """The uint32 key of one leaf's random bits at one step: the step's key (a mix of the seed's
+    and the count) plus the leaf's (a mix of its stream, computed when tracing). The leaf's part
+    is a constant, so a step computes one key for all its leaves."""
+    step = _mix32(_mix32(jnp.asarray(seed, jnp.uint32) ^ np.uint32(0x9E3779B9))
+                  ^ jnp.asarray(count, jnp.uint32))
+    return step + _mix32(np.asarray(stream, np.uint64).astype(np.uint32))
 
 
 def random_bits(shape, key, sharding=None):

@@ -109,11 +109,12 @@ def _mix32(x):
 
 
 def random_bits(shape, seed, count, stream):
-    """The uint32 random bits of (seed, count, stream, row-major element index)."""
+    """The uint32 random bits of (seed, count, stream, row-major element index): the element's
+    index times 0x9E3779B9 plus the key, mixed; the key is the mix of (the mix of the seed xor
+    0x9E3779B9) xor the count, plus the mix of the stream."""
     with np.errstate(over="ignore"):
-        key = _mix32(np.uint32(seed) ^ np.uint32(0x9E3779B9))
-        key = _mix32(key ^ np.uint32(count))
-        key = _mix32(key ^ np.uint32(stream))
+        step = _mix32(_mix32(np.uint32(seed) ^ np.uint32(0x9E3779B9)) ^ np.uint32(count))
+        key = step + _mix32(np.uint32(stream))
         index = np.arange(int(np.prod(shape)), dtype=np.uint64).astype(np.uint32).reshape(shape)
         return _mix32(index * np.uint32(0x9E3779B9) + key)
 
