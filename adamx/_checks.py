@@ -31,32 +31,32 @@ def short(x: Any) -> str:
     return f"{dtype}{list(shape)}"
 
 
-def _real_scalar(fn, name, value, kinds, words):
+def _real_scalar(caller, name, value, kinds, words):
     """Checks a tracer's or an array's shape and dtype; returns whether ``value`` is traced."""
     dtype = getattr(value, "dtype", None)
     if dtype is None or getattr(value, "shape", None) != () or not any(
             jnp.issubdtype(dtype, kind) for kind in kinds):
         got = f"a traced {short(value)}" if is_traced(value) else repr(value)
-        raise TypeError(f"{fn}: {name} must be {words}, got {got}")
+        raise TypeError(f"{caller}: {name} must be {words}, got {got}")
     return is_traced(value)
 
 
-def concrete_float(fn: str, name: str, value: Any):
+def concrete_float(caller: str, name: str, value: Any):
     """``value`` as a Python float, or None for a (real scalar) tracer.
 
     Raises:
       TypeError: If ``value`` is not a real number or real scalar array (bools and strings are not).
     """
     if value is None or isinstance(value, (bool, np.bool_, str, bytes)):
-        raise TypeError(f"{fn}: {name} must be a real number, got {value!r}")
+        raise TypeError(f"{caller}: {name} must be a real number, got {value!r}")
     if isinstance(value, numbers.Real):
         return float(value)
-    if _real_scalar(fn, name, value, (jnp.floating, jnp.integer), "a real scalar"):
+    if _real_scalar(caller, name, value, (jnp.floating, jnp.integer), "a real scalar"):
         return None
     return float(np.asarray(value, np.float64))
 
 
-def concrete_integer(fn: str, name: str, value: Any):
+def concrete_integer(caller: str, name: str, value: Any):
     """``value`` as a Python int, or None for an integer scalar tracer.
 
     Raises:
@@ -64,32 +64,32 @@ def concrete_integer(fn: str, name: str, value: Any):
     """
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, (numbers.Integral, np.integer,
                                                                       jax.Array, np.ndarray)):
-        raise TypeError(f"{fn}: {name} must be an integer, got {value!r}")
+        raise TypeError(f"{caller}: {name} must be an integer, got {value!r}")
     if isinstance(value, numbers.Integral):
         return int(value)
-    if _real_scalar(fn, name, value, (jnp.integer,), "an integer scalar"):
+    if _real_scalar(caller, name, value, (jnp.integer,), "an integer scalar"):
         return None
     return int(np.asarray(value))
 
 
-def check_bool(fn: str, name: str, value: Any) -> None:
+def check_bool(caller: str, name: str, value: Any) -> None:
     """Checks that a static option is a real Python (or NumPy) bool."""
     if not isinstance(value, (bool, np.bool_)):
-        raise TypeError(f"{fn}: {name} must be True or False, got {value!r}")
+        raise TypeError(f"{caller}: {name} must be True or False, got {value!r}")
 
 
-def check_choice(fn: str, name: str, value: Any, choices: tuple) -> None:
+def check_choice(caller: str, name: str, value: Any, choices: tuple) -> None:
     """Checks that ``value`` is one of the strings ``choices``."""
     if not isinstance(value, str) or value not in choices:
         shown = ", ".join(repr(c) for c in choices)
-        raise ValueError(f"{fn}: {name} must be one of {shown}, got {value!r}")
+        raise ValueError(f"{caller}: {name} must be one of {shown}, got {value!r}")
 
 
-def check_seed(fn: str, name: str, value: Any) -> None:
+def check_seed(caller: str, name: str, value: Any) -> None:
     """Checks a seed: an integer in [0, 2**32), or a traced integer scalar."""
-    x = concrete_integer(fn, name, value)
+    x = concrete_integer(caller, name, value)
     if x is not None and not 0 <= x < 2**32:
-        raise ValueError(f"{fn}: {name} must be in [0, 2**32), got {value!r}")
+        raise ValueError(f"{caller}: {name} must be in [0, 2**32), got {value!r}")
 
 
 # ---- tree structure ------------------------------------------------------------------------------
@@ -136,7 +136,7 @@ def first_difference(grads: Any, tree: Any, where: str, path: tuple = ()):
     return None
 
 
-def leaves_like(fn: str, where: str, grads_def: Any, grads: Any, tree: Any) -> list:
+def leaves_like(caller: str, where: str, grads_def: Any, grads: Any, tree: Any) -> list:
     """``tree`` cut at the leaves of ``grads``: one entry (a subtree, or None) per grad leaf.
 
     Raises:
@@ -146,15 +146,15 @@ def leaves_like(fn: str, where: str, grads_def: Any, grads: Any, tree: Any) -> l
         return grads_def.flatten_up_to(tree)
     except (ValueError, TypeError):
         found = first_difference(grads, tree, where) or "they differ in structure"
-        raise ValueError(f"{fn}: grads and {where} differ in tree structure: {found}") from None
+        raise ValueError(f"{caller}: grads and {where} differ in tree structure: {found}") from None
 
 
-def params_like(fn: str, grads_def: Any, grads: Any, params: Any, paths: list) -> list:
+def params_like(caller: str, grads_def: Any, grads: Any, params: Any, paths: list) -> list:
     """:func:`leaves_like` for the params, whose leaves must also have the grads' shapes (weight
     decay and param rounding would otherwise broadcast a param against its update)."""
-    leaves = leaves_like(fn, "params", grads_def, grads, params)
+    leaves = leaves_like(caller, "params", grads_def, grads, params)
     for path, g, p in zip(paths, grads_def.flatten_up_to(grads), leaves):
         if p is not None and np.shape(p) != np.shape(g):
-            raise ValueError(f"{fn}: params{jax.tree_util.keystr(path)} has shape "
+            raise ValueError(f"{caller}: params{jax.tree_util.keystr(path)} has shape "
                              f"{tuple(np.shape(p))} where the grads have {tuple(np.shape(g))}")
     return leaves

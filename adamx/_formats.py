@@ -115,20 +115,20 @@ def _auto(run, like, *outs):
     return jax.sharding.auto_axes(run, out_sharding=specs if len(specs) > 1 else specs[0])
 
 
-def _check_arrays(fn, where, moment, dtypes):
+def _check_arrays(caller, where, moment, dtypes):
     """Each field an array of its allowed dtypes (a tuple of names per field)."""
     for field, allowed in zip(moment._fields, dtypes):
         a = getattr(moment, field)
         if not (hasattr(a, "shape") and hasattr(a, "dtype")):
-            raise ValueError(f"{fn}: {where}.{field} must be an array, got {type(a).__name__}")
+            raise ValueError(f"{caller}: {where}.{field} must be an array, got {type(a).__name__}")
         if str(jnp.dtype(a.dtype)) not in allowed:
-            raise ValueError(f"{fn}: {where}.{field} of an {type(moment).__name__} must be "
+            raise ValueError(f"{caller}: {where}.{field} of an {type(moment).__name__} must be "
                              f"{' or '.join(allowed)}, got {a.dtype}")
 
 
-def _check_shape(fn, where, field, got, want, leaf):
+def _check_shape(caller, where, field, got, want, leaf):
     if tuple(got) != tuple(want):
-        raise ValueError(f"{fn}: {where}.{field} has shape {tuple(got)}, but a grads' leaf of "
+        raise ValueError(f"{caller}: {where}.{field} has shape {tuple(got)}, but a grads' leaf of "
                          f"shape {tuple(leaf)} needs {tuple(want)}")
 
 
@@ -212,11 +212,11 @@ class Int8Blocks(NamedTuple):
 
         return _auto(run, self.codes, lambda s: s)(*self).astype(dtype)
 
-    def check(self, fn: str, where: str, shape: tuple) -> None:
+    def check(self, caller: str, where: str, shape: tuple) -> None:
         """Raises ValueError (naming ``where``) unless this can stand for a leaf of ``shape``."""
-        _check_arrays(fn, where, self, [("int8", "uint8"), ("float32",)])
-        _check_shape(fn, where, "codes", self.codes.shape, shape, shape)
-        _check_blocks(fn, where, self.absmax, shape)
+        _check_arrays(caller, where, self, [("int8", "uint8"), ("float32",)])
+        _check_shape(caller, where, "codes", self.codes.shape, shape, shape)
+        _check_blocks(caller, where, self.absmax, shape)
 
     def zero1_specs(self, mesh, axis, base) -> Optional[dict]:
         """The partition specs of its arrays split over ``axis`` as one unit (from their ``base``
@@ -275,13 +275,13 @@ class Int4Blocks(NamedTuple):
         packed = lambda s: s[:-1] + [None]  # noqa: E731
         return _auto(run, self.codes, packed)(*self).astype(dtype)
 
-    def check(self, fn, where, shape):
-        _check_arrays(fn, where, self, [("int8",), ("bfloat16",)])
+    def check(self, caller, where, shape):
+        _check_arrays(caller, where, self, [("int8",), ("bfloat16",)])
         if not shape or shape[-1] % 2:
-            raise ValueError(f"{fn}: {where} is an Int4Blocks, which cannot hold a grads' leaf of "
+            raise ValueError(f"{caller}: {where} is an Int4Blocks, which cannot hold a grads' leaf of "
                              f"shape {tuple(shape)} (its last dimension must be even)")
-        _check_shape(fn, where, "codes", self.codes.shape, _packed(shape), shape)
-        _check_blocks(fn, where, self.absmax, shape)
+        _check_shape(caller, where, "codes", self.codes.shape, _packed(shape), shape)
+        _check_blocks(caller, where, self.absmax, shape)
 
     def zero1_specs(self, mesh, axis, base):
         return _block_spec(self, self.leaf_shape, mesh, axis, base)
@@ -353,14 +353,14 @@ class Int4Rank1(NamedTuple):
 
         return _auto(run, self.codes, lambda s: s[:-1] + [None])(*self).astype(dtype)
 
-    def check(self, fn, where, shape):
-        _check_arrays(fn, where, self, [("uint8",), ("float32",), ("float32",)])
+    def check(self, caller, where, shape):
+        _check_arrays(caller, where, self, [("uint8",), ("float32",), ("float32",)])
         if len(shape) < 2:
-            raise ValueError(f"{fn}: {where} is an Int4Rank1, which cannot hold a grads' leaf of "
+            raise ValueError(f"{caller}: {where} is an Int4Rank1, which cannot hold a grads' leaf of "
                              f"shape {tuple(shape)} (it needs rows and columns)")
-        _check_shape(fn, where, "codes", self.codes.shape, _packed(shape), shape)
-        _check_shape(fn, where, "row_max", self.row_max.shape, shape[:-1], shape)
-        _check_shape(fn, where, "col_max", self.col_max.shape, shape[-1:], shape)
+        _check_shape(caller, where, "codes", self.codes.shape, _packed(shape), shape)
+        _check_shape(caller, where, "row_max", self.row_max.shape, shape[:-1], shape)
+        _check_shape(caller, where, "col_max", self.col_max.shape, shape[-1:], shape)
 
     def zero1_specs(self, mesh, axis, base):
         """Codes and ``row_max`` split by rows; ``col_max`` stays whole (each step's new one is a
@@ -372,11 +372,11 @@ class Int4Rank1(NamedTuple):
         return specs
 
 
-def _check_blocks(fn, where, absmax, shape):
+def _check_blocks(caller, where, absmax, shape):
     size = math.prod(shape)
     blocks = absmax.shape[0] if len(absmax.shape) == 1 else 0
     if blocks < 1 or -(-size // block_length(size, blocks)) != blocks:
-        raise ValueError(f"{fn}: {where}.absmax has shape {tuple(absmax.shape)}, which is no "
+        raise ValueError(f"{caller}: {where}.absmax has shape {tuple(absmax.shape)}, which is no "
                          f"number of power-of-two blocks of a grads' leaf of shape {tuple(shape)}")
 
 

@@ -41,17 +41,17 @@ def _is_ours(node: Any) -> bool:
     return isinstance(node, AdamState)
 
 
-def _adam_state(fn, node):
+def _adam_state(caller, node):
     """The AdamState of an optax Adam node (a moments node, or an alias's tuple)."""
     if not _is_optax_adam(node):
-        raise ValueError(f"{fn}: expected an optax Adam-family state where the adamx state has an "
+        raise ValueError(f"{caller}: expected an optax Adam-family state where the adamx state has an "
                          f"AdamState, got {type(node).__name__}")
     moments = node if isinstance(node, _MOMENTS) else node[0]
     for x in () if moments is node else node[1:]:
         count = getattr(x, "count", None)
         if (isinstance(x, optax.ScaleByScheduleState) and not isinstance(count, jax.core.Tracer)
                 and not np.array_equal(count, moments.count)):
-            raise ValueError(f"{fn}: the learning-rate schedule has counted {int(count)} steps and "
+            raise ValueError(f"{caller}: the learning-rate schedule has counted {int(count)} steps and "
                              f"the moments {int(moments.count)}; adamx keeps one count")
     nu = jax.tree.map(lambda v: v.astype(jnp.float32) if v.dtype == jnp.float16 else v, moments.nu)
     return AdamState(count=moments.count, mu=moments.mu, nu=nu,
@@ -102,23 +102,23 @@ def from_optax(state: Any, like: Any = None) -> Any:
       >>> bool(jnp.allclose(mine["w"], theirs["w"], rtol=1e-4))
       True
     """
-    fn = "adamx.from_optax"
+    caller = "adamx.from_optax"
     if like is not None:
         def convert(ours, node):
-            return _adam_state(fn, node) if _is_ours(ours) else node
+            return _adam_state(caller, node) if _is_ours(ours) else node
 
-        return _mapped(fn, convert, like, state, "like")
+        return _mapped(caller, convert, like, state, "like")
     found = []
 
     def convert_alias(node):
         if not _is_optax_adam(node):
             return node
         found.append(node)
-        return _adam_state(fn, node)
+        return _adam_state(caller, node)
 
     converted = jax.tree.map(convert_alias, state, is_leaf=_is_optax_adam)
     if not found:
-        raise ValueError(f"{fn}: state holds no optax Adam-family state (a ScaleByAdamState or "
+        raise ValueError(f"{caller}: state holds no optax Adam-family state (a ScaleByAdamState or "
                          f"ScaleByAmsgradState), got {type(state).__name__}")
     return converted
 
@@ -153,22 +153,22 @@ def to_optax(state: Any, like: Any) -> Any:
       >>> bool(jnp.array_equal(back.nu["w"], state.nu["w"]))
       True
     """
-    fn = "adamx.to_optax"
+    caller = "adamx.to_optax"
 
     def convert(ours, node):
         if not _is_ours(ours):
             return ours
         if not _is_optax_adam(node):
-            raise ValueError(f"{fn}: like has a {type(node).__name__} where state has an AdamState")
+            raise ValueError(f"{caller}: like has a {type(node).__name__} where state has an AdamState")
         if any(is_quantized(x) for x in jax.tree.leaves((ours.mu, ours.nu), is_leaf=is_quantized)):
-            raise ValueError(f"{fn}: optax keeps float moments; decode quantized ones first "
+            raise ValueError(f"{caller}: optax keeps float moments; decode quantized ones first "
                              "(adamx.dequantize_state), knowing that their codes are not float32")
         if ours.compensation is not None:
-            raise ValueError(f"{fn}: optax keeps no Kahan compensation; drop it with "
+            raise ValueError(f"{caller}: optax keeps no Kahan compensation; drop it with "
                              "state.replace(compensation=None) (its sub-ulp remainders are lost)")
         moments = node if isinstance(node, _MOMENTS) else node[0]
         if isinstance(moments, optax.ScaleByAmsgradState) != (ours.nu_max is not None):
-            raise ValueError(f"{fn}: like is {'' if ours.nu_max is None else 'not '}AMSGrad's "
+            raise ValueError(f"{caller}: like is {'' if ours.nu_max is None else 'not '}AMSGrad's "
                              f"state, and state {'has' if ours.nu_max is not None else 'has no'} "
                              "nu_max")
         fields = {"count": ours.count, "mu": ours.mu, "nu": ours.nu}
@@ -180,16 +180,16 @@ def to_optax(state: Any, like: Any) -> Any:
                 for x in node[1:]]
         return (moments._replace(**fields), *rest)
 
-    return _mapped(fn, convert, state, like, "state")
+    return _mapped(caller, convert, state, like, "state")
 
 
-def _mapped(fn, convert, ours, theirs, name):
+def _mapped(caller, convert, ours, theirs, name):
     """``convert(our node, their node)`` over ``ours``, whose AdamStates stand against whole
     optax subtrees of ``theirs``."""
     try:
         return jax.tree.map(convert, ours, theirs, is_leaf=_is_ours)
     except ValueError as e:
-        if str(e).startswith(fn):
+        if str(e).startswith(caller):
             raise
-        raise ValueError(f"{fn}: state and like differ in structure outside their Adam nodes: "
+        raise ValueError(f"{caller}: state and like differ in structure outside their Adam nodes: "
                          f"{e}") from None

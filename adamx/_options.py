@@ -33,7 +33,7 @@ class Hyperparams(NamedTuple):
     weight_decay: Any = None
     seed: Any = 0
 
-    def check(self, fn: str, *, scaled: bool = True) -> "Hyperparams":
+    def check(self, caller: str, *, scaled: bool = True) -> "Hyperparams":
         """Checks the concrete values (tracers pass: :func:`check_hyperparams` checks those).
 
         ``scaled=False`` (the ``scale_by_*`` transformations) takes no learning rate.
@@ -43,15 +43,15 @@ class Hyperparams(NamedTuple):
                 continue
             if name == "learning_rate" and not scaled:
                 if value is not None:
-                    raise TypeError(f"{fn}: takes no learning_rate, got {value!r}")
+                    raise TypeError(f"{caller}: takes no learning_rate, got {value!r}")
                 continue
             if name in ("learning_rate", "weight_decay") and value is None:
-                raise TypeError(f"{fn}: {name} must be a number, an array or a schedule, got None")
+                raise TypeError(f"{caller}: {name} must be a number, an array or a schedule, got None")
             if not (name in _SCHEDULES and callable(value)):
-                check(fn, name, value)
+                check(caller, name, value)
         return self
 
-    def at(self, fn: str, count: Any) -> "Hyperparams":
+    def at(self, caller: str, count: Any) -> "Hyperparams":
         """The values at the step whose count (before the step) is ``count``: the schedules
         called, as optax calls them, and what they return checked."""
         def value(name):
@@ -60,9 +60,9 @@ class Hyperparams(NamedTuple):
                 return schedule
             x = schedule(count)
             if x is None:
-                raise TypeError(f"{fn}: the {name} schedule returned None; it must return a real "
+                raise TypeError(f"{caller}: the {name} schedule returned None; it must return a real "
                                 "scalar")
-            check(fn, name, x, what=f"{name} (the schedule's value)")
+            check(caller, name, x, what=f"{name} (the schedule's value)")
             return x
 
         return self._replace(learning_rate=value("learning_rate"), weight_decay=value("weight_decay"))
@@ -94,7 +94,7 @@ _RANGES = {
 }
 
 
-def check(fn: str, name: str, value: Any, *, what: str = "") -> None:
+def check(caller: str, name: str, value: Any, *, what: str = "") -> None:
     """Checks one concrete hyperparameter against its range; a tracer's shape and dtype only.
 
     Raises:
@@ -102,8 +102,8 @@ def check(fn: str, name: str, value: Any, *, what: str = "") -> None:
       ValueError: If it is out of range, naming ``what`` (default: ``name``) and the value.
     """
     what = what or name
-    x = _checks.concrete_integer(fn, what, value) if name == "seed" else (
-        _checks.concrete_float(fn, what, value))
+    x = _checks.concrete_integer(caller, what, value) if name == "seed" else (
+        _checks.concrete_float(caller, what, value))
     if x is None:
         return  # traced
     predicate, allowed = _RANGES[name]
@@ -115,7 +115,7 @@ def check(fn: str, name: str, value: Any, *, what: str = "") -> None:
     if predicate is _decay and x == 1 and str(getattr(value, "dtype", "")) in ("bfloat16", "float16"):
         hint = (f": a decay rate like 0.999 rounds to 1 in {value.dtype}; keep it in float32 "
                 "(optax.inject_hyperparams(..., hyperparam_dtype=jnp.float32))")
-    raise ValueError(f"{fn}: {what} must {allowed}, got {value!r}{hint}")
+    raise ValueError(f"{caller}: {what} must {allowed}, got {value!r}{hint}")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -132,19 +132,19 @@ class Rule:
     bias_correction_nu: bool = True
     param_rounding: str = "nearest"
 
-    def check(self, fn: str) -> "Rule":
+    def check(self, caller: str) -> "Rule":
         """Rejects values and combinations that have no defined meaning."""
         flags = dataclasses.asdict(self)
-        _checks.check_choice(fn, "param_rounding", flags.pop("param_rounding"), ROUNDINGS)
+        _checks.check_choice(caller, "param_rounding", flags.pop("param_rounding"), ROUNDINGS)
         for name, value in flags.items():
-            _checks.check_bool(fn, name, value)
+            _checks.check_bool(caller, name, value)
         if self.max_bias_corrected and not self.amsgrad:
-            raise ValueError(f"{fn}: max_bias_corrected=True is an AMSGrad option (amsgrad=True)")
+            raise ValueError(f"{caller}: max_bias_corrected=True is an AMSGrad option (amsgrad=True)")
         if self.amsgrad and self.adamax:
-            raise ValueError(f"{fn}: amsgrad=True and adamax=True are two different algorithms")
+            raise ValueError(f"{caller}: amsgrad=True and adamax=True are two different algorithms")
         if self.eps_hat and (self.max_bias_corrected or self.adamax or not self.bias_correction_nu):
             raise ValueError(
-                f"{fn}: eps_hat=True moves the second moment's bias correction onto the step, so "
+                f"{caller}: eps_hat=True moves the second moment's bias correction onto the step, so "
                 "it cannot be combined with max_bias_corrected=True, adamax=True or "
                 "bias_correction_nu=False")
         return self
@@ -159,12 +159,12 @@ RULE = tuple(field.name for field in dataclasses.fields(Rule))
 OPTIONS = HYPERPARAMS + RULE + ("mask",)
 
 
-def parse(fn: str, options: dict, *, fixed: Any = (), scaled: bool = True
+def parse(caller: str, options: dict, *, fixed: Any = (), scaled: bool = True
           ) -> tuple[Hyperparams, Rule, Any]:
     """``(Hyperparams, Rule, mask)`` from keyword arguments named as in :data:`OPTIONS`, checked.
 
     Args:
-      fn: The public name, for messages.
+      caller: The public name, for messages.
       options: The keyword arguments; missing ones take their defaults, except
         ``learning_rate``, which is required when ``scaled``.
       fixed: Names the caller sets itself (a factory's algorithm), refused from ``options``.
@@ -176,16 +176,16 @@ def parse(fn: str, options: dict, *, fixed: Any = (), scaled: bool = True
     """
     unknown = sorted((set(options) - set(OPTIONS)) | (set(options) & set(fixed)))
     if unknown:
-        raise TypeError(f"{fn}: unexpected keyword argument{'s' * (len(unknown) > 1)} "
+        raise TypeError(f"{caller}: unexpected keyword argument{'s' * (len(unknown) > 1)} "
                         f"{', '.join(map(repr, unknown))}")
     if scaled and "learning_rate" not in options:
-        raise TypeError(f"{fn}: missing the keyword argument 'learning_rate'")
+        raise TypeError(f"{caller}: missing the keyword argument 'learning_rate'")
     values = {k: v for k, v in options.items() if k in HYPERPARAMS}
     if values.get("seed", 0) is None:
         del values["seed"]  # the factories' default: 0, and not a number inject_hyperparams injects
-    hp = Hyperparams(**{"learning_rate": None, **values})
+    hyperparams = Hyperparams(**{"learning_rate": None, **values})
     rule = Rule(**{k: v for k, v in options.items() if k in RULE})
-    return hp.check(fn, scaled=scaled), rule.check(fn), options.get("mask")
+    return hyperparams.check(caller, scaled=scaled), rule.check(caller), options.get("mask")
 
 
 def check_hyperparams(*, count: Any = None, **hyperparams: Any) -> None:
@@ -217,21 +217,21 @@ def check_hyperparams(*, count: Any = None, **hyperparams: Any) -> None:
       >>> print(error.get())  # doctest: +ELLIPSIS
       adamx.check_hyperparams: b2 must be in [0, 1), got 1.0 (`check` failed)...
     """
-    fn = "adamx.check_hyperparams"
+    caller = "adamx.check_hyperparams"
     unknown = sorted(set(hyperparams) - set(HYPERPARAMS))
     if unknown:
-        raise TypeError(f"{fn}: unexpected keyword argument {unknown[0]!r}; it checks "
+        raise TypeError(f"{caller}: unexpected keyword argument {unknown[0]!r}; it checks "
                         f"{', '.join(HYPERPARAMS)} and count")
     for name, value in hyperparams.items():
         if value is None:
             continue
         if _checks.is_traced(value):
             predicate, allowed = _RANGES[name]
-            checkify.check(predicate(value), f"{fn}: {name} must {allowed}, got {{}}", value)
+            checkify.check(predicate(value), f"{caller}: {name} must {allowed}, got {{}}", value)
         else:
-            check(fn, name, value)
+            check(caller, name, value)
     if count is not None:
         if _checks.is_traced(count):
-            checkify.check(count >= 0, f"{fn}: state.count must be >= 0, got {{}}", count)
+            checkify.check(count >= 0, f"{caller}: state.count must be >= 0, got {{}}", count)
         elif int(np.asarray(count)) < 0:
-            raise ValueError(f"{fn}: state.count must be >= 0, got {int(np.asarray(count))}")
+            raise ValueError(f"{caller}: state.count must be >= 0, got {int(np.asarray(count))}")

@@ -194,25 +194,25 @@ def quantize(x: jax.typing.ArrayLike, spec: Union[str, Spec] = "int8", *, signed
       >>> adamx.dequantize(q)
       Array([ 0.5, -1. ,  0. ,  2. ], dtype=float32)
     """
-    fn = "adamx.quantize"
+    caller = "adamx.quantize"
     canonical = as_spec(spec)
     if canonical is None:
-        raise ValueError(f'{fn}: spec must be "int8", "int4", an Int8Spec or an Int4Spec, got '
+        raise ValueError(f'{caller}: spec must be "int8", "int4", an Int8Spec or an Int4Spec, got '
                          f"{spec!r}")
     if not isinstance(signed, (bool, np.bool_)):
-        raise TypeError(f"{fn}: signed must be True or False, got {signed!r}")
+        raise TypeError(f"{caller}: signed must be True or False, got {signed!r}")
     x = jnp.asarray(x)
     if not jnp.issubdtype(x.dtype, jnp.floating):
-        raise TypeError(f"{fn}: x must be a real float array, got dtype {x.dtype}")
+        raise TypeError(f"{caller}: x must be a real float array, got dtype {x.dtype}")
     if x.ndim == 0 or x.size == 0:
-        raise ValueError(f"{fn}: x must have at least one dimension and one element, got shape "
+        raise ValueError(f"{caller}: x must have at least one dimension and one element, got shape "
                          f"{x.shape}")
     if random_bits is not None:
         random_bits = jnp.asarray(random_bits)
         if random_bits.dtype != jnp.uint32:
-            raise TypeError(f"{fn}: random_bits must be uint32, got {random_bits.dtype}")
+            raise TypeError(f"{caller}: random_bits must be uint32, got {random_bits.dtype}")
         if random_bits.shape != x.shape:
-            raise ValueError(f"{fn}: random_bits must have x's shape {x.shape}, got "
+            raise ValueError(f"{caller}: random_bits must have x's shape {x.shape}, got "
                              f"{random_bits.shape}")
     fmt = canonical.format(x.shape, bool(signed))
     like = jax.eval_shape(lambda: fmt.zeros(jax.ShapeDtypeStruct(x.shape, jnp.float32),

@@ -201,7 +201,7 @@ def host_offload_shardings(state: Any) -> Any:
       ...         "pinned_host", "device")
       ...     state = jax.device_put(state, shardings)
     """
-    fn = "adamx.host_offload_shardings"
+    caller = "adamx.host_offload_shardings"
 
     def sharding_of(leaf):
         if isinstance(leaf, jax.sharding.Sharding):
@@ -212,7 +212,7 @@ def host_offload_shardings(state: Any) -> Any:
     def place(leaf, kind):
         sharding = sharding_of(leaf)
         if kind != "device":
-            _check_offload(fn, sharding)
+            _check_offload(caller, sharding)
         return sharding.with_memory_kind(kind)
 
     def offload(node):
@@ -224,16 +224,16 @@ def host_offload_shardings(state: Any) -> Any:
 
     is_state = lambda x: isinstance(x, AdamState)  # noqa: E731
     if not any(is_state(x) for x in jax.tree.leaves(state, is_leaf=is_state)):
-        raise ValueError(f"{fn}: state holds no adamx.AdamState, got {type(state).__name__}")
+        raise ValueError(f"{caller}: state holds no adamx.AdamState, got {type(state).__name__}")
     return jax.tree.map(offload, state, is_leaf=is_state)
 
 
-def _check_offload(fn, sharding):
+def _check_offload(caller, sharding):
     kinds = {m.kind for d in sharding.device_set for m in d.addressable_memories()}
     if "pinned_host" not in kinds:
-        raise ValueError(f"{fn}: the devices of this state have no 'pinned_host' memory (they "
+        raise ValueError(f"{caller}: the devices of this state have no 'pinned_host' memory (they "
                          f"have {sorted(kinds)})")
-    _check_jit_keeps_host(fn, next(iter(sharding.device_set)).platform)
+    _check_jit_keeps_host(caller, next(iter(sharding.device_set)).platform)
 
 
 @functools.lru_cache(maxsize=None)
@@ -251,11 +251,11 @@ def jit_keeps_pinned_host(platform: str) -> bool:
     return compiled.output_shardings.memory_kind == "pinned_host"
 
 
-def _check_jit_keeps_host(fn, platform):
+def _check_jit_keeps_host(caller, platform):
     if platform == jax.default_backend() and not jit_keeps_pinned_host(platform):
         import jaxlib
 
-        raise ValueError(f"{fn}: host-resident moments, but XLA:{platform.upper()} in jaxlib "
+        raise ValueError(f"{caller}: host-resident moments, but XLA:{platform.upper()} in jaxlib "
                          f"{jaxlib.__version__} keeps no array in pinned host memory inside a "
                          "jitted step (they would silently move to device memory); host offload "
                          "on CPU needs jaxlib >= 0.10.2")

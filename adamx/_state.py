@@ -98,11 +98,11 @@ def init(
       >>> state.mu["w"].dtype, state.nu["w"].dtype
       (dtype(bfloat16), dtype('float32'))
     """
-    fn = "adamx.init"
-    specs = Specs(_storage.check_spec(fn, "mu_dtype", mu_dtype),
-                  _storage.check_spec(fn, "nu_dtype", nu_dtype))
-    check_bool(fn, "amsgrad", amsgrad)
-    check_choice(fn, "param_rounding", param_rounding, ROUNDINGS)
+    caller = "adamx.init"
+    specs = Specs(_storage.check_spec(caller, "mu_dtype", mu_dtype),
+                  _storage.check_spec(caller, "nu_dtype", nu_dtype))
+    check_bool(caller, "amsgrad", amsgrad)
+    check_choice(caller, "param_rounding", param_rounding, ROUNDINGS)
     return zeros(params, specs, amsgrad=amsgrad, kahan=param_rounding == "kahan")
 
 
@@ -134,7 +134,7 @@ def zeros(params: PyTree, specs: Specs, *, amsgrad: bool, kahan: bool) -> AdamSt
 LEAF_FIELDS = AdamState._fields[1:]
 
 
-def _not_a_state(fn, state):
+def _not_a_state(caller, state):
     """The TypeError for a state that is not an AdamState, with the conversion for optax's."""
     try:
         found = optax.tree.get(state, "nu")
@@ -142,27 +142,27 @@ def _not_a_state(fn, state):
         found = None
     if found is not None:
         return TypeError(
-            f"{fn}: state must be an adamx.AdamState (from this transformation's init), got "
+            f"{caller}: state must be an adamx.AdamState (from this transformation's init), got "
             f"{type(state).__name__}, an optax state: convert it with adamx.from_optax(state)")
-    return TypeError(f"{fn}: state must be an adamx.AdamState, got {type(state).__name__}")
+    return TypeError(f"{caller}: state must be an adamx.AdamState, got {type(state).__name__}")
 
 
-def _check_count(fn, count):
+def _check_count(caller, count):
     dtype, shape = getattr(count, "dtype", None), getattr(count, "shape", None)
     if dtype != jnp.int32 or shape != ():
-        raise ValueError(f"{fn}: state.count must be an int32 scalar, got "
+        raise ValueError(f"{caller}: state.count must be an int32 scalar, got "
                          f"{dtype if dtype is not None else type(count).__name__}"
                          f"{'' if shape is None else list(shape)}")
     if not is_traced(count) and int(count) < 0:
-        raise ValueError(f"{fn}: state.count must be >= 0, got {int(count)}")
+        raise ValueError(f"{caller}: state.count must be >= 0, got {int(count)}")
 
 
-def _require(fn, has, has_not, present, wanted, hint):
+def _require(caller, has, has_not, present, wanted, hint):
     if present != wanted:
-        raise ValueError(f"{fn}: the state has {has if present else has_not}, but {hint}")
+        raise ValueError(f"{caller}: the state has {has if present else has_not}, but {hint}")
 
 
-def check(fn: str, state: Any, grads: PyTree, *, amsgrad: bool, kahan: bool,
+def check(caller: str, state: Any, grads: PyTree, *, amsgrad: bool, kahan: bool,
           specs: Any = None) -> tuple[list, list, Any, dict]:
     """Checks that ``state`` fits a transformation and these grads; returns its per-leaf entries.
 
@@ -182,13 +182,13 @@ def check(fn: str, state: Any, grads: PyTree, *, amsgrad: bool, kahan: bool,
       ValueError: Naming the field and key path that does not fit.
     """
     if not isinstance(state, AdamState):
-        raise _not_a_state(fn, state)
-    _check_count(fn, state.count)
-    _require(fn, "nu_max (AMSGrad's maximum)", "no nu_max", state.nu_max is not None, amsgrad,
+        raise _not_a_state(caller, state)
+    _check_count(caller, state.count)
+    _require(caller, "nu_max (AMSGrad's maximum)", "no nu_max", state.nu_max is not None, amsgrad,
              "this transformation runs AMSGrad" if amsgrad else
              "this transformation is not AMSGrad: use adamx.amsgrad (or amsgrad=True), or drop it "
              "with state.replace(nu_max=None)")
-    _require(fn, "a compensation buffer", "no compensation buffer", state.compensation is not None,
+    _require(caller, "a compensation buffer", "no compensation buffer", state.compensation is not None,
              kahan,
              "param_rounding is 'kahan'" if kahan else
              "param_rounding is not 'kahan': build the state and the update with the same "
@@ -202,22 +202,22 @@ def check(fn: str, state: Any, grads: PyTree, *, amsgrad: bool, kahan: bool,
         if tree is None and name in ("nu_max", "compensation"):
             fields[name] = None
             continue
-        entries = leaves_like(fn, f"state.{name}", treedef, grads, tree)
+        entries = leaves_like(caller, f"state.{name}", treedef, grads, tree)
         spec = "any" if specs is None else (specs.mu if name == "mu" else specs.nu)
         for path, g, entry in zip(paths, grad_leaves, entries):
             where = f"state.{name}{jax.tree_util.keystr(path)}"
             if name == "compensation":
-                _check_compensation(fn, where, entry, g)
+                _check_compensation(caller, where, entry, g)
             else:
-                _storage.check_leaf(fn, where, entry, g, spec, second=name != "mu")
+                _storage.check_leaf(caller, where, entry, g, spec, second=name != "mu")
         fields[name] = entries
     return paths, grad_leaves, treedef, fields
 
 
-def _check_compensation(fn, where, entry, grad):
+def _check_compensation(caller, where, entry, grad):
     if entry is None:
         return
     dtype = getattr(entry, "dtype", None)
     if dtype not in (jnp.float16, jnp.bfloat16) or tuple(entry.shape) != tuple(np.shape(grad)):
-        raise ValueError(f"{fn}: {where} must be None or a float16/bfloat16 array of the grads' "
+        raise ValueError(f"{caller}: {where} must be None or a float16/bfloat16 array of the grads' "
                          f"shape {tuple(np.shape(grad))}, got {short(entry)}")

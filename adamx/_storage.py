@@ -25,7 +25,7 @@ _ACCEPTED = {
 }
 
 
-def check_spec(fn: str, name: str, spec: Any) -> Spec:
+def check_spec(caller: str, name: str, spec: Any) -> Spec:
     """Validates a moment storage spec (``name`` is "mu_dtype" or "nu_dtype"); returns it canonical:
     None, a NumPy dtype, or an ``Int8Spec``/``Int4Spec`` (for ``"int8"``/``"int4"`` too).
 
@@ -52,7 +52,7 @@ def check_spec(fn: str, name: str, spec: Any) -> Spec:
         if dtype == jnp.float16 and name == "nu_dtype":
             hint = (" (a float16 second moment underflows to 0 for gradients below 8e-3, and the "
                     "step then divides by eps: use bfloat16, float32 or \"int8\")")
-        raise ValueError(f"{fn}: {name} must be one of {_ACCEPTED[name]}, got {shown}{hint}")
+        raise ValueError(f"{caller}: {name} must be one of {_ACCEPTED[name]}, got {shown}{hint}")
     return dtype
 
 
@@ -136,7 +136,7 @@ def as_stored(value: jax.Array, moment: Any) -> jax.Array:
     return moment.astype(value.dtype)
 
 
-def check_leaf(fn: str, where: str, moment: Any, grad: Any, spec: Any = "any", *,
+def check_leaf(caller: str, where: str, moment: Any, grad: Any, spec: Any = "any", *,
                second: bool) -> None:
     """Raises ValueError (naming ``where``, e.g. ``state.nu['w']``) unless ``moment`` can be the
     stored moment of ``grad``, and, where ``spec`` is given, the one that ``spec`` builds.
@@ -149,24 +149,24 @@ def check_leaf(fn: str, where: str, moment: Any, grad: Any, spec: Any = "any", *
     """
     if not has_moments(grad):
         if moment is not None:
-            raise ValueError(f"{fn}: {where} must be None for an integer or float0 gradient (an "
+            raise ValueError(f"{caller}: {where} must be None for an integer or float0 gradient (an "
                              f"untrained leaf keeps no moment), got {short(moment)}")
         return
     shape = tuple(np.shape(grad))
     if is_quantized(moment):
-        moment.check(fn, where, shape)
+        moment.check(caller, where, shape)
     else:
         dtype = getattr(moment, "dtype", None)
         if dtype is None or not jnp.issubdtype(dtype, jnp.inexact):
-            raise ValueError(f"{fn}: {where} must be a float array for a float gradient, got "
+            raise ValueError(f"{caller}: {where} must be a float array for a float gradient, got "
                              f"{short(moment)}")
         if tuple(moment.shape) != shape:
-            raise ValueError(f"{fn}: {where} has shape {tuple(moment.shape)} where the grads have "
+            raise ValueError(f"{caller}: {where} has shape {tuple(moment.shape)} where the grads have "
                              f"{shape}")
         if second and jnp.issubdtype(dtype, jnp.complexfloating):
-            raise ValueError(f"{fn}: {where} must be real, got {dtype}")
+            raise ValueError(f"{caller}: {where} must be real, got {dtype}")
         if second and dtype == jnp.float16:
-            raise ValueError(f"{fn}: {where} is float16, where (1 - b2) g**2 underflows to 0 for "
+            raise ValueError(f"{caller}: {where} is float16, where (1 - b2) g**2 underflows to 0 for "
                              "gradients below 8e-3 and the step then divides by eps; keep the "
                              "second moment in bfloat16, float32 or \"int8\"")
     if isinstance(spec, str):
@@ -182,7 +182,7 @@ def check_leaf(fn: str, where: str, moment: Any, grad: Any, spec: Any = "any", *
     if not fits:
         name = "nu_dtype" if second else "mu_dtype"
         raise ValueError(
-            f"{fn}: {where} is {_described(moment)}, but this transformation keeps {name}="
+            f"{caller}: {where} is {_described(moment)}, but this transformation keeps {name}="
             f"{_spec_name(spec)}, which stores {_described(want)} there; build the state with its "
             "init, or convert the one you have (adamx.dequantize_state decodes quantized moments; "
             "jax.tree.map(lambda x: x.astype(dtype), state.mu) casts float ones)")

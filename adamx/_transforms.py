@@ -26,20 +26,20 @@ from adamx._update import step
 Transformation = optax.GradientTransformationExtraArgs
 
 
-def _transformation(fn: str, args: dict, *, scaled: bool = True, **rule: bool) -> Transformation:
+def _transformation(caller: str, args: dict, *, scaled: bool = True, **rule: bool) -> Transformation:
     """The transformation of a factory called with ``args`` (its arguments, by name), running
     the algorithm that ``rule`` fixes (e.g. ``amsgrad=True``)."""
     args = dict(args)
-    specs = _state.Specs(_storage.check_spec(fn, "mu_dtype", args.pop("mu_dtype", None)),
-                         _storage.check_spec(fn, "nu_dtype", args.pop("nu_dtype", None)))
-    hp, rule, mask = _options.parse(fn, {**args, **rule}, scaled=scaled)
+    specs = _state.Specs(_storage.check_spec(caller, "mu_dtype", args.pop("mu_dtype", None)),
+                         _storage.check_spec(caller, "nu_dtype", args.pop("nu_dtype", None)))
+    hyperparams, rule, mask = _options.parse(caller, {**args, **rule}, scaled=scaled)
 
     def init_fn(params):
         return _state.zeros(params, specs, amsgrad=rule.amsgrad, kahan=rule.kahan)
 
     def update_fn(updates, state, params=None, **extra_args):
         del extra_args
-        return step(fn, updates, state, params, hp, rule, mask, specs)
+        return step(caller, updates, state, params, hyperparams, rule, mask, specs)
 
     return Transformation(init_fn, update_fn)
 

@@ -68,18 +68,21 @@ def _as(x, like):
     return x.astype(like.dtype)
 
 
-def scalars(dtype, t, hp: Hyperparams, rule: Rule) -> Scalars:
+def scalars(dtype, t, hyperparams: Hyperparams, rule: Rule) -> Scalars:
     """The :class:`Scalars` of step ``t`` (the count after it) in ``dtype``."""
-    one_minus_b1, one_minus_b2 = _numerics.one_minus(hp.b1), _numerics.one_minus(hp.b2)
+    b1, b2, eps, eps_root, weight_decay, learning_rate = (
+        hyperparams.b1, hyperparams.b2, hyperparams.eps, hyperparams.eps_root,
+        hyperparams.weight_decay, hyperparams.learning_rate)
+    one_minus_b1, one_minus_b2 = _numerics.one_minus(b1), _numerics.one_minus(b2)
 
     def correction(one_minus_b, t, enabled=True):
         # in float32 or wider: 1 - 0.999**t in bfloat16 rounds to 0 or 1
         return _numerics.bias_correction(one_minus_b, t, dtype) if enabled else 1
 
     values = Scalars(
-        b1=hp.b1, one_minus_b1=one_minus_b1, b2=hp.b2, one_minus_b2=one_minus_b2, eps=hp.eps,
-        eps_root=hp.eps_root, weight_decay=0 if hp.weight_decay is None else hp.weight_decay,
-        learning_rate=0 if hp.learning_rate is None else hp.learning_rate,
+        b1=b1, one_minus_b1=one_minus_b1, b2=b2, one_minus_b2=one_minus_b2, eps=eps,
+        eps_root=eps_root, weight_decay=0 if weight_decay is None else weight_decay,
+        learning_rate=0 if learning_rate is None else learning_rate,
         bias_correction1=correction(one_minus_b1, t, rule.bias_correction_mu),
         bias_correction2=correction(one_minus_b2, t, rule.bias_correction_nu),
         next_bias_correction1=correction(one_minus_b1, _numerics.safe_increment(t),
@@ -184,73 +187,74 @@ class Prepared(NamedTuple):
     stored: list  # per leaf: a LeafState
     decay: list  # per leaf: whether it gets weight decay
     count: jax.Array  # the count after this step
-    hp: Hyperparams  # the schedules' values at this step
+    hyperparams: Hyperparams  # the schedules' values at this step
 
 
-def prepare(fn: str, grads: PyTree, state: Any, params: Optional[PyTree], hp: Hyperparams,
+def prepare(caller: str, grads: PyTree, state: Any, params: Optional[PyTree], hyperparams: Hyperparams,
             rule: Rule, mask: Any = None, specs: Any = None) -> Prepared:
     """Checks a step's inputs (the state against the grads, the rule and ``specs``; the params'
     shapes) and flattens them; calls the schedules at the count before the step, as optax does."""
-    paths, g_leaves, treedef, fields = _state.check(fn, state, grads, amsgrad=rule.amsgrad,
+    paths, g_leaves, treedef, fields = _state.check(caller, state, grads, amsgrad=rule.amsgrad,
                                                     kahan=rule.kahan, specs=specs)
     n = len(g_leaves)
-    p_leaves = [None] * n if params is None else params_like(fn, treedef, grads, params, paths)
+    p_leaves = [None] * n if params is None else params_like(caller, treedef, grads, params, paths)
     if rule.param_rounding != "nearest" and params is None:
-        raise ValueError(f"{fn}: param_rounding={rule.param_rounding!r} needs the params: call "
+        raise ValueError(f"{caller}: param_rounding={rule.param_rounding!r} needs the params: call "
                          "update(grads, state, params)")
     stored = [LeafState(*entries) for entries in zip(
         *(fields[name] or [None] * n for name in _state.LEAF_FIELDS))]
     if rule.kahan:
-        _check_kahan(fn, paths, p_leaves, stored)
-    hp = hp.at(fn, state.count)
-    decay = decay_flags(fn, treedef, grads, params, hp.weight_decay, mask)
+        _check_kahan(caller, paths, p_leaves, stored)
+    hyperparams = hyperparams.at(caller, state.count)
+    decay = decay_flags(caller, treedef, grads, params, hyperparams.weight_decay, mask)
     return Prepared(treedef, paths, g_leaves, p_leaves, stored, decay,
-                    _numerics.safe_increment(state.count), hp)
+                    _numerics.safe_increment(state.count), hyperparams)
 
 
-def _check_kahan(fn, paths, params, stored):
+def _check_kahan(caller, paths, params, stored):
     """Each 16-bit param has its compensation, and only they: a state built before the params
     were cast (to or from bfloat16) does not fit them."""
     for path, p, leaf in zip(paths, params, stored):
         rounds = p is not None and _numerics.rounds(jnp.result_type(p), "kahan")
         if rounds != (leaf.compensation is not None):
             raise ValueError(
-                f"{fn}: params{keystr(path)} is {short(p)}, but state.compensation{keystr(path)} "
+                f"{caller}: params{keystr(path)} is {short(p)}, but state.compensation{keystr(path)} "
                 f"is {short(leaf.compensation)}: Kahan keeps a compensation for each float16 and "
                 "bfloat16 param, and only for them; build the state with init from the params "
                 "as they are now")
 
 
-def decay_flags(fn: str, treedef: Any, grads: PyTree, params: Optional[PyTree], weight_decay: Any,
+def decay_flags(caller: str, treedef: Any, grads: PyTree, params: Optional[PyTree], weight_decay: Any,
                 mask: Any) -> list:
     """Per-leaf booleans: which leaves get weight decay (None or a concrete 0: none)."""
-    if weight_decay is None or concrete_float(fn, "weight_decay", weight_decay) == 0:
+    if weight_decay is None or concrete_float(caller, "weight_decay", weight_decay) == 0:
         return [False] * treedef.num_leaves
     if params is None:
-        raise ValueError(f"{fn}: weight decay needs the params: call update(grads, state, params)")
+        raise ValueError(f"{caller}: weight decay needs the params: call update(grads, state, params)")
     if mask is None:
         return [True] * treedef.num_leaves
     mask_tree = mask(params) if callable(mask) else mask
     try:
         full = jax.tree.map(lambda m, sub: jax.tree.map(lambda _: m, sub), mask_tree, grads)
     except ValueError as e:
-        raise ValueError(f"{fn}: mask must have the params' tree structure (or a prefix): "
+        raise ValueError(f"{caller}: mask must have the params' tree structure (or a prefix): "
                          f"{e}") from None
     flags = treedef.flatten_up_to(full)
     for flag in flags:
         if not isinstance(flag, (bool, np.bool_)):
-            raise TypeError(f"{fn}: mask leaves must be Python bools, got {flag!r}")
+            raise TypeError(f"{caller}: mask leaves must be Python bools, got {flag!r}")
     return [bool(f) for f in flags]
 
 
-def step(fn: str, grads: PyTree, state: Any, params: Optional[PyTree], hp: Hyperparams, rule: Rule,
-         mask: Any = None, specs: Any = None) -> tuple[PyTree, Any]:
+def step(caller: str, grads: PyTree, state: Any, params: Optional[PyTree],
+         hyperparams: Hyperparams, rule: Rule, mask: Any = None, specs: Any = None
+         ) -> tuple[PyTree, Any]:
     """The one implementation behind :func:`update`, :func:`adamx.apply` and every factory.
 
     Args:
-      fn: The public name, for messages.
+      caller: The public name, for messages.
       grads, state, params, mask: As in :func:`update`.
-      hp: The :class:`Hyperparams`; a None learning rate returns the direction itself.
+      hyperparams: The :class:`Hyperparams`; a None learning rate returns the direction itself.
       rule: The :class:`Rule`.
       specs: A factory's ``adamx._state.Specs``, which the state's moments must follow; None for
         the functional API, where the state says how its moments are stored.
@@ -258,8 +262,8 @@ def step(fn: str, grads: PyTree, state: Any, params: Optional[PyTree], hp: Hyper
     Returns:
       ``(updates, new_state)``.
     """
-    prepared = prepare(fn, grads, state, params, hp, rule, mask, specs)
-    count, hp = prepared.count, prepared.hp
+    prepared = prepare(caller, grads, state, params, hyperparams, rule, mask, specs)
+    count, hyperparams = prepared.count, prepared.hyperparams
     per_dtype = {}
     results = []
     for path, g, p, stored, decay in zip(prepared.paths, prepared.grads, prepared.params,
@@ -270,12 +274,12 @@ def step(fn: str, grads: PyTree, state: Any, params: Optional[PyTree], hp: Hyper
         g = jnp.asarray(g)
         dtype = _numerics.compute_dtype(g.dtype)
         if dtype not in per_dtype:
-            per_dtype[dtype] = scalars(dtype, count, hp, rule)
+            per_dtype[dtype] = scalars(dtype, count, hyperparams, rule)
         stream = _numerics.stream(path)
-        key = LeafKey(_numerics.bits_key(hp.seed, count, stream),
-                      _numerics.bits_key(hp.seed, count, stream ^ _numerics.MOMENTS))
+        key = LeafKey(_numerics.bits_key(hyperparams.seed, count, stream),
+                      _numerics.bits_key(hyperparams.seed, count, stream ^ _numerics.MOMENTS))
         results.append(_leaf_step(g, stored, p, decay, per_dtype[dtype], rule, key,
-                                  scaled=hp.learning_rate is not None))
+                                  scaled=hyperparams.learning_rate is not None))
     treedef = prepared.treedef
     new_fields = {name: None if getattr(state, name) is None else
                   treedef.unflatten([getattr(r.state, name) for r in results])
@@ -369,6 +373,6 @@ def update(grads: PyTree, state: _state.AdamState, params: Optional[PyTree] = No
       >>> optax.apply_updates(params, updates)["w"]
       Array([ 0.9, -1.9], dtype=float32)
     """
-    fn = "adamx.update"
-    hp, rule, mask = _options.parse(fn, options)
-    return step(fn, grads, state, params, hp, rule, mask)
+    caller = "adamx.update"
+    hyperparams, rule, mask = _options.parse(caller, options)
+    return step(caller, grads, state, params, hyperparams, rule, mask)
