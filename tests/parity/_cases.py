@@ -58,6 +58,19 @@ def _coupled_adam(wd, *args, **kw):
     return build
 
 
+def _scaled(module_name, name, **kw):
+    """``optax.chain(<module>.<name>(**kw), optax.scale(-LR))``: a scale_by_* transformation."""
+    def build():
+        import importlib
+
+        import optax
+
+        return optax.chain(getattr(importlib.import_module(module_name), name)(**kw),
+                           optax.scale(-LR))
+
+    return build
+
+
 def _schedule_adam(module_name):
     def build():
         import importlib
@@ -158,13 +171,26 @@ OPTAX = {
         _adamx("nadamw", LR, weight_decay=WD, mask=MASK),
     ),
     "adamax": (_optax("adamax", LR), _adamx("adamax", LR)),
+    "adamaxw_mask": (
+        _optax("adamaxw", LR, weight_decay=WD, mask=MASK),
+        _adamx("adamaxw", LR, weight_decay=WD, mask=MASK),
+    ),
+    "amsgrad_without_bias_correction": (
+        _optax("amsgrad", LR, bias_correction_mu=False, bias_correction_nu=False),
+        _adamx("amsgrad", LR, max_bias_corrected=True, bias_correction_mu=False,
+               bias_correction_nu=False),
+    ),
+    "scale_by_amsgrad": (_scaled("optax", "scale_by_amsgrad"),
+                         _scaled("adamx", "scale_by_amsgrad", max_bias_corrected=True)),
+    "scale_by_adamax": (_scaled("optax", "scale_by_adamax"), _scaled("adamx", "scale_by_adamax")),
 }
 
 # The cases also run in float64 (one per convention; every case runs in float32).
 FLOAT64 = {
     "torch": ("adam", "adam_amsgrad", "adam_coupled_weight_decay", "adamw", "adamax"),
     "keras": ("adam", "adam_amsgrad", "adamw"),
-    "optax": ("adamw_mask", "amsgrad", "nadam", "adamax"),
+    "optax": ("adamw_mask", "amsgrad", "nadam", "adamax", "adamaxw_mask",
+              "amsgrad_without_bias_correction", "scale_by_amsgrad", "scale_by_adamax"),
 }
 
 PEERS = {"optax": OPTAX, "torch": TORCH, "keras": KERAS}
