@@ -8,11 +8,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import adamx
-from tests.helpers import grad_sequence, leaves64, nested_params, run
+from tests.helpers import apply_step, grad_sequence, leaves64, nested_params, run
 from tests.reference import run_reference
 
 STEPS = 60
@@ -65,3 +66,26 @@ def test_first_step_is_learning_rate_times_sign():
     g = jnp.array([3.0, -0.25, 1e-3, 7e4])
     updates, _ = adamx.update(g, adamx.init(g), learning_rate=0.01, eps=0.0)
     np.testing.assert_array_equal(np.asarray(updates), -0.01 * np.sign(np.asarray(g)))
+
+
+def test_update_runs_adamax_and_amsgrad_by_option_as_the_reference_equations():
+    params = nested_params(seed=3)
+    grads = grad_sequence(params, 20, seed=4)
+    for options, reference in ((dict(adamax=True), dict(adamax=True)),
+                               (dict(amsgrad=True), dict(amsgrad="raw")),
+                               (dict(nesterov=True, weight_decay=0.1), dict(nesterov=True,
+                                                                            weight_decay=0.1))):
+        state = adamx.init(params, amsgrad=options.get("amsgrad", False))
+        _, got, _ = run(apply_step(learning_rate=1e-2, **options), params, state, grads)
+        want = run_reference([leaves64(g) for g in grads], leaves64(params), lr=1e-2,
+                             **reference)[-1]
+        for g, w in zip(jax.tree.leaves(got), want):
+            np.testing.assert_allclose(np.asarray(g, np.float64), w, rtol=1e-5, atol=1e-6)
+
+
+def test_update_refuses_an_option_it_does_not_know():
+    state = adamx.init(jnp.ones(2))
+    with pytest.raises(TypeError, match="adamx.update: unexpected keyword argument 'lerning_rate'"):
+        adamx.update(jnp.ones(2), state, learning_rate=0.1, lerning_rate=0.1)
+    with pytest.raises(TypeError, match="adamx.update: missing the keyword argument 'learning_rate'"):
+        adamx.update(jnp.ones(2), state)
