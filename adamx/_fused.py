@@ -2,8 +2,9 @@
 CPU kernel.
 
 The policy lives here: the kernel (``adamx/_native``, built when adamx is installed) runs only
-when asked for, and only where it computes what the plain path computes: float32 leaves, Adam,
-AdamW and NAdam(W) (no AMSGrad or AdaMax), arrays on one CPU device. Asked for elsewhere, it
+when asked for, and only where it computes what the plain path computes: float32 and bfloat16
+params (bfloat16 with any ``param_rounding``), moments stored as float32, bfloat16, int8 or int4,
+Adam, AdamW and NAdam(W) (no AMSGrad or AdaMax), arrays on one CPU device. Asked for elsewhere, it
 raises and says why; it never falls back silently, and it is never picked behind the caller's
 back.
 """
@@ -12,19 +13,25 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
-from adamx import _options, _state
-from adamx._checks import check_bool
+from adamx import _formats, _numerics, _options, _state, _storage
+from adamx._checks import check_bool, keystr, short
+from adamx._sharding import to_device, to_memory_of
 from adamx._update import Prepared, Rule, prepare, scalars, step
 
 PyTree = Any
 
+_PARAMS = (jnp.float32, jnp.bfloat16)  # the params' dtypes in the kernel
+_FIRST = (_formats.Int8Blocks, _formats.Int4Blocks)  # the quantized formats of mu in the kernel
+_SECOND = (_formats.Int8Blocks, _formats.Int4Rank1)  # and of nu
 
-def kernel_scalars(count: jax.Array, hp: _options.Hyperparams, rule: Rule) -> dict:
+
+def kernel_scalars(count: jax.Array, hyperparams: _options.Hyperparams, rule: Rule) -> dict:
     """The kernel's float32 scalars by their ABI names (``adamx/_native/abi.h``), computed from
     the plain path's own :class:`adamx._update.Scalars`, as the plain path uses them."""
-    s = scalars(jnp.float32, count, hp, rule)
+    s = scalars(jnp.float32, count, hyperparams, rule)
     one = jnp.ones([], jnp.float32)
     return {
         "scale": -s.learning_rate, "b1": s.b1, "omb1": s.one_minus_b1, "b2": s.b2,
@@ -43,55 +50,83 @@ def _why_not(rule: Rule, prepared: Prepared) -> Any:
     """Why the kernel cannot run this step, or None when it can."""
     if rule.amsgrad or rule.adamax:
         return "AMSGrad and AdaMax are not in the kernel"
-    if rule.param_rounding != "nearest":
-        return f"param_rounding={rule.param_rounding!r} is not in the kernel (float32 leaves only)"
-    if not (rule.bias_correction_mu and rule.bias_correction_nu):
-        return "turning bias correction off is not in the kernel"
-    arrays = [x for leaf in zip(prepared.params, prepared.grads, prepared.stored)
-              for x in (leaf[0], leaf[1], leaf[2].mu, leaf[2].nu)]
-    if not all(isinstance(x, jax.Array) and x.dtype == jnp.float32 for x in arrays):
-        return "every param, grad and moment must be a float32 array"
+    arrays = []
+    for path, g, p, leaf in zip(prepared.paths, prepared.grads, prepared.params, prepared.stored):
+        if not _storage.has_moments(g):
+            continue  # an integer or boolean param is not trained: it stays as it is
+        where = keystr(path)
+        if not (isinstance(p, jax.Array) and isinstance(g, jax.Array)):
+            return f"params{where} and grads{where} must be arrays, got {short(p)}, {short(g)}"
+        if p.dtype not in _PARAMS or g.dtype != p.dtype:
+            return (f"params{where} is {short(p)} and grads{where} {short(g)}: the kernel takes "
+                    "float32 and bfloat16 params, with grads of their dtype")
+        for name, moment, formats in (("mu", leaf.mu, _FIRST), ("nu", leaf.nu, _SECOND)):
+            if not (isinstance(moment, formats) or (
+                    isinstance(moment, jax.Array) and moment.dtype in (jnp.float32, jnp.bfloat16))):
+                return (f"state.{name}{where} is {_storage.described(moment)}: the kernel stores moments as "
+                        "float32, bfloat16, int8 or int4")
+            if isinstance(moment, _formats.Int8Blocks) and moment.signed != (name == "mu"):
+                return (f"state.{name}{where} has {moment.codes.dtype} codes: the kernel stores a "
+                        "first moment in int8 codes and a second in uint8")
+        arrays += [p, g, *jax.tree.leaves((leaf.mu, leaf.nu, leaf.compensation))]
     placements = {_placement(x) for x in arrays}
     if any(count > 1 for count, _ in placements):
-        return "the arrays are sharded over several devices: the kernel has no sharding rule"
+        return ("the arrays are sharded over several devices, and the kernel has no sharding "
+                "rule: run the step on one device's arrays (inside shard_map, each device's)")
     platforms = {platform for _, platform in placements}
-    if platforms != {"cpu"}:
+    if platforms - {"cpu"}:
         return f"the kernel is for CPU, and the arrays are on {', '.join(sorted(platforms))}"
     return None
 
 
 def _placement(x: jax.Array) -> tuple[int, str]:
-    """``(number of devices, platform)`` of an array; for a tracer, from the mesh its type names
-    (none: one device of the default backend, where a jitted step without shardings runs)."""
+    """``(number of devices, platform)`` of an array: for a tracer, those of the mesh its type
+    names (the axes a ``shard_map`` has made manual not counted: each device runs its own step);
+    none: one device of the default backend, where a jitted step without shardings runs."""
     if not isinstance(x, jax.core.Tracer):
         devices = x.sharding.device_set
         return len(devices), next(iter(devices)).platform
     mesh = jax.typeof(x).sharding.mesh
-    return (1 if mesh.empty else mesh.size), jax.default_backend()
+    if mesh.empty:
+        return 1, jax.default_backend()
+    manual = getattr(jax.sharding.AxisType, "Manual", None)
+    sizes = [size for size, kind in zip(mesh.axis_sizes, mesh.axis_types) if kind != manual]
+    return int(np.prod(sizes, dtype=int)), getattr(mesh, "_platform", None) or jax.default_backend()
 
 
-def _fused_step(fn, grads, state, params, hp, rule, mask):
+def _fused_step(caller, grads, state, params, hyperparams, rule, mask):
     from adamx import _native  # loaded only when asked for
 
     available, why = _native.status()
-    prepared = prepare(fn, grads, state, params, hp, rule, mask)
+    prepared = prepare(caller, grads, state, params, hyperparams, rule, mask)
     why = why if not available else _why_not(rule, prepared)
     if why is not None:
-        raise RuntimeError(f"{fn}: fused=True but the CPU kernel cannot run: {why}")
-    leaves = [(p, g, s.mu, s.nu) for p, g, s in zip(prepared.params, prepared.grads,
-                                                      prepared.stored)]
-    new = [(p, m, v) for p, _, m, v in leaves]
-    nonempty = [k for k, g in enumerate(prepared.grads) if g.size]
-    if nonempty:
-        results = _native.step(kernel_scalars(prepared.count, prepared.hp, rule),
-                               [leaves[k] for k in nonempty],
-                               [prepared.decay[k] for k in nonempty],
-                               maximize=rule.maximize, eps_hat=rule.eps_hat,
-                               nesterov=rule.nesterov)
-        for k, result in zip(nonempty, results):
-            new[k] = result
-    new_p, new_mu, new_nu = (prepared.treedef.unflatten([x[i] for x in new]) for i in range(3))
-    return new_p, state.replace(count=prepared.count, mu=new_mu, nu=new_nu)
+        raise RuntimeError(f"{caller}: fused=True but the CPU kernel cannot run: {why}")
+    count, hyperparams = prepared.count, prepared.hyperparams
+    keys = _numerics.leaf_keys(hyperparams.seed, count, prepared.paths)  # the plain path's
+    new = list(zip(prepared.params, prepared.stored))  # untrained and empty leaves stay as they are
+    trained, leaves = [], []
+    for k, (g, p, leaf, decay) in enumerate(zip(prepared.grads, prepared.params, prepared.stored,
+                                               prepared.decay)):
+        if not _storage.has_moments(g) or not g.size:
+            continue
+        rounds = _numerics.rounds(p.dtype, rule.param_rounding)
+        mu, nu, c = (to_device(x) for x in (leaf.mu, leaf.nu, leaf.compensation))
+        trained.append(k)
+        leaves.append(_native.Leaf(p, g, mu, nu, c, rule.param_rounding if rounds else "nearest",
+                                   decay, keys[:, k]))
+    if leaves:
+        results = _native.step(kernel_scalars(count, hyperparams, rule), leaves,
+                               maximize=rule.maximize, eps_hat=rule.eps_hat, nesterov=rule.nesterov)
+        for k, (p, mu, nu, c) in zip(trained, results):
+            old = prepared.stored[k]
+            new[k] = (p, old._replace(mu=to_memory_of(mu, old.mu), nu=to_memory_of(nu, old.nu),
+                                      compensation=to_memory_of(c, old.compensation)))
+    treedef = prepared.treedef
+    fields = {name: None if getattr(state, name) is None else
+              treedef.unflatten([getattr(leaf, name) for _, leaf in new])
+              for name in _state.LEAF_FIELDS}
+    return treedef.unflatten([p for p, _ in new]), _state.AdamState(count, **fields)
 
 
 def apply(grads: PyTree, state: _state.AdamState, params: PyTree, *, fused: bool = False,
@@ -105,12 +140,16 @@ def apply(grads: PyTree, state: _state.AdamState, params: PyTree, *, fused: bool
     ``fused=True`` runs the step in one multithreaded XLA:CPU kernel over all leaves, params and
     moments updated in place when the caller's ``jax.jit`` donates ``params`` and ``state``
     (``donate_argnums``; without donation XLA copies them first, so inputs are never
-    clobbered): 28 bytes per parameter, the least an Adam step can move. It is built when adamx
-    is installed (see :func:`adamx.kernel_available`) and takes float32 leaves on one CPU
-    device, without AMSGrad or AdaMax; it has no derivative rule (differentiate through
-    :func:`adamx.update`). Results agree with the plain path to a few float32 ulps, where XLA
-    fuses a multiply-add that the kernel rounds twice, and the kernel gives the same bits on
-    every x86-64 CPU.
+    clobbered): for float32 leaves 28 bytes per parameter, the least an Adam step can move. It is
+    built when adamx is installed (see :func:`adamx.kernel_available`) and takes float32 and
+    bfloat16 params (bfloat16 with any ``param_rounding``), moments stored as float32, bfloat16,
+    ``"int8"`` or ``"int4"``, on one CPU device (inside ``shard_map``, each device's), without
+    AMSGrad or AdaMax; it has no derivative rule (differentiate through :func:`adamx.update`). It
+    draws the plain path's random bits and computes its operations in its order; where XLA fuses
+    a multiply-add that the kernel rounds twice, values differ by a float32 ulp, and a quantized
+    or bfloat16 moment then rounds, now and then, to the neighbouring value
+    (``tests/test_fused.py`` states the bounds). The kernel gives the same bits on every x86-64
+    CPU.
 
     Args:
       grads: Gradients, with the structure and shapes of ``params``.
@@ -125,7 +164,8 @@ def apply(grads: PyTree, state: _state.AdamState, params: PyTree, *, fused: bool
     Raises:
       ValueError, TypeError: As :func:`adamx.update` raises them.
       RuntimeError: If ``fused=True`` and the kernel cannot run this step (the message says why:
-        not built, a non-float32 leaf, an unsupported option, several devices, not a CPU).
+        not built, a dtype or storage it does not take, AMSGrad or AdaMax, arrays sharded over
+        several devices, not a CPU).
 
     Example:
       >>> import jax, jax.numpy as jnp, adamx
@@ -137,15 +177,15 @@ def apply(grads: PyTree, state: _state.AdamState, params: PyTree, *, fused: bool
       >>> params["w"]
       Array([ 0.9, -1.9], dtype=float32)
     """
-    fn = "adamx.apply"
-    check_bool(fn, "fused", fused)
-    hp, rule, mask = _options.parse(fn, options)
+    caller = "adamx.apply"
+    check_bool(caller, "fused", fused)
+    hyperparams, rule, mask = _options.parse(caller, options)
     if params is None:
-        raise TypeError(f"{fn}: params must be the params' pytree (apply returns the new params), "
+        raise TypeError(f"{caller}: params must be the params' pytree (apply returns the new params), "
                         "got None")
     if fused:
-        return _fused_step(fn, grads, state, params, hp, rule, mask)
-    updates, new_state = step(fn, grads, state, params, hp, rule, mask)
+        return _fused_step(caller, grads, state, params, hyperparams, rule, mask)
+    updates, new_state = step(caller, grads, state, params, hyperparams, rule, mask)
     return optax.apply_updates(params, updates), new_state
 
 

@@ -110,6 +110,13 @@ def bits_key(seed, count, stream):
     return step + _mix32(np.asarray(stream, np.uint64).astype(np.uint32))
 
 
+def leaf_keys(seed, count, paths) -> jax.Array:
+    """The keys of each leaf's random bits at one step: uint32 ``[param's, moments'] x leaves``,
+    for the leaves at key ``paths``."""
+    streams = np.array([stream(path) for path in paths], np.uint32).reshape(-1)
+    return bits_key(seed, count, np.stack([streams, streams ^ np.uint32(MOMENTS)]))
+
+
 def random_bits(shape, key, sharding=None):
     """Uniform uint32 bits for each element of an array of ``shape``: ``mix(index * phi + key)``
     with ``index`` the element's row-major position, built from iotas so that a sharded array

@@ -182,13 +182,14 @@ def check_leaf(caller: str, where: str, moment: Any, grad: Any, spec: Any = "any
     if not fits:
         name = "nu_dtype" if second else "mu_dtype"
         raise ValueError(
-            f"{caller}: {where} is {_described(moment)}, but this transformation keeps {name}="
-            f"{_spec_name(spec)}, which stores {_described(want)} there; build the state with its "
+            f"{caller}: {where} is {described(moment)}, but this transformation keeps {name}="
+            f"{_spec_name(spec)}, which stores {described(want)} there; build the state with its "
             "init, or convert the one you have (adamx.dequantize_state decodes quantized moments; "
             "jax.tree.map(lambda x: x.astype(dtype), state.mu) casts float ones)")
 
 
-def _described(moment):
+def described(moment: Any) -> str:
+    """``an Int8Blocks`` for a quantized moment, ``a float32[3]`` for an array."""
     if is_quantized(moment):
         return f"an {type(moment).__name__}"
     return f"a {short(moment)}"

@@ -264,10 +264,11 @@ def step(caller: str, grads: PyTree, state: Any, params: Optional[PyTree],
     """
     prepared = prepare(caller, grads, state, params, hyperparams, rule, mask, specs)
     count, hyperparams = prepared.count, prepared.hyperparams
+    keys = _numerics.leaf_keys(hyperparams.seed, count, prepared.paths)
     per_dtype = {}
     results = []
-    for path, g, p, stored, decay in zip(prepared.paths, prepared.grads, prepared.params,
-                                          prepared.stored, prepared.decay):
+    for k, (g, p, stored, decay) in enumerate(zip(prepared.grads, prepared.params,
+                                                  prepared.stored, prepared.decay)):
         if not _storage.has_moments(g):
             results.append(LeafStep(_zero_update(g, p), stored))
             continue
@@ -275,9 +276,7 @@ def step(caller: str, grads: PyTree, state: Any, params: Optional[PyTree],
         dtype = _numerics.compute_dtype(g.dtype)
         if dtype not in per_dtype:
             per_dtype[dtype] = scalars(dtype, count, hyperparams, rule)
-        stream = _numerics.stream(path)
-        key = LeafKey(_numerics.bits_key(hyperparams.seed, count, stream),
-                      _numerics.bits_key(hyperparams.seed, count, stream ^ _numerics.MOMENTS))
+        key = LeafKey(keys[0, k], keys[1, k])
         results.append(_leaf_step(g, stored, p, decay, per_dtype[dtype], rule, key,
                                   scaled=hyperparams.learning_rate is not None))
     treedef = prepared.treedef

@@ -1,16 +1,17 @@
-"""The optional whole-step Adam kernel for XLA:CPU: params and both moments of many float32 leaves
-updated in place by one custom call.
+"""The optional whole-step Adam kernel for XLA:CPU: params and moments of many leaves updated in
+place by one custom call.
 
 The C++ beside this file is compiled when adamx is installed (``setup.py``), against the XLA FFI
-headers of ``jax.ffi.include_dir()``, with portable flags and one variant per x86-64 instruction
-set picked at run time; nothing is compiled, written or downloaded at run time. Importing this
-package loads no native code: the compiled module ``_ext`` is imported, checked against ``abi.h``
-and registered with XLA for the CPU platform on the first call of :func:`status` or :func:`step`.
+headers of the build environment's jaxlib (``jax.ffi.include_dir()``), with portable flags and
+one variant per x86-64 instruction set picked at run time; nothing is compiled, written or downloaded
+at run time. Importing this package loads no native code: the compiled module ``_ext`` is
+imported, checked and registered with XLA for the CPU platform on the first call of
+:func:`status` or :func:`step`.
 
-``abi.h`` is the one contract between this file and the C++: the order of the step scalars, the
-flag bits and the operands. :data:`SCALARS` is read from the compiled module (or from ``abi.h``
-when the module is not built), and :func:`status` refuses a module whose ABI differs from the
-header (a stale build).
+``abi.h`` is the one contract between this file and the C++: the operands, the step scalars, the
+flag bits, each leaf's fields and the codes of its dtypes and formats. The compiled module
+exports them all; :data:`ABI_VERSION` here must equal the module's, or the module is a stale
+build and is refused.
 """
 
 import functools
@@ -18,39 +19,61 @@ import importlib
 import re
 import threading
 from collections.abc import Mapping, Sequence
-from pathlib import Path
+from typing import Any, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["GROUP", "SCALARS", "status", "step"]
+from adamx import _formats
 
+__all__ = ["ABI_VERSION", "GROUP", "MIN_JAXLIB", "Leaf", "status", "step"]
+
+# The version of abi.h this file speaks; the compiled module's ABI_VERSION must be the same.
+ABI_VERSION = 2
+# The oldest jaxlib the kernel runs on. It is built against this release's XLA FFI headers (API
+# 0.1; XLA refuses handlers built against a newer API than its own), and XLA:CPU of 0.5.3 to
+# 0.7.1 aborts the process when it compiles a step (it parses the FFI attributes as JSON).
+MIN_JAXLIB = (0, 7, 2)
 # Leaves per custom call: XLA's compile time grows faster than linearly in the aliased operands
 # of one call (1,000 leaves in one call took minutes), so big trees are split into a few calls.
 GROUP = 64
 
-_ABI_HEADER = Path(__file__).with_name("abi.h")
 _REINSTALL = (
-    "reinstall adamx where a C++17 compiler (g++ or clang++) is on PATH, building against the "
-    "installed jaxlib: pip install --force-reinstall --no-deps --no-build-isolation <the adamx "
-    "source you installed> (from a checkout: pip install --no-build-isolation -e .); "
-    "pip's -v shows the compiler's output"
+    "reinstall adamx where a C++17 compiler (g++ or clang++) is on PATH: pip install "
+    "--force-reinstall --no-deps <the adamx source you installed> (from a checkout: pip install "
+    "-e .); pip's -v shows the compiler's output"
 )
+_FORMATS = {_formats.Int8Blocks: "int8_blocks", _formats.Int4Blocks: "int4_blocks",
+            _formats.Int4Rank1: "int4_rank1"}
 _lock = threading.Lock()
 
 
-def header_abi():
-    """``(scalars, flags)`` as ``abi.h`` defines them: the scalar names in order, {flag: bit}."""
-    text = _ABI_HEADER.read_text()
+class Leaf(NamedTuple):
+    """One leaf of a kernel step: its arrays as the state stores them, and how it steps.
 
-    def entries(macro):
-        body = re.search(rf"#define {macro}\(X\)((?:[^\n]*\\\n)*[^\n]*)", text).group(1)
-        return re.findall(r"X\((\w+)(?:,\s*(\d+))?\)", body)
+    Attributes:
+      param: float32 or bfloat16, not empty.
+      grad: The gradient, of the param's shape and dtype.
+      mu: A float32 or bfloat16 array of the param's shape, or an ``Int8Blocks`` (int8 codes) or
+        ``Int4Blocks``.
+      nu: A float32 or bfloat16 array, or an ``Int8Blocks`` (uint8 codes) or ``Int4Rank1``.
+      compensation: Kahan's bfloat16 compensation where ``rounding`` is ``"kahan"``, else None.
+      rounding: ``"nearest"``, ``"stochastic"`` or ``"kahan"``: how a bfloat16 param is written
+        (``"nearest"`` for a float32 param).
+      decay: Whether the leaf gets weight decay.
+      keys: uint32[2], the keys of the random bits of its param and of its moments
+        (``adamx._numerics.bits_key``).
+    """
 
-    scalars = tuple(name for name, _ in entries("ADAMX_STEP_SCALARS"))
-    flags = {name: 1 << int(bit) for name, bit in entries("ADAMX_STEP_FLAGS")}
-    return scalars, flags
+    param: jax.Array
+    grad: jax.Array
+    mu: Any
+    nu: Any
+    compensation: Optional[jax.Array]
+    rounding: str
+    decay: bool
+    keys: jax.Array
 
 
 def _import_ext():
@@ -58,19 +81,22 @@ def _import_ext():
     return importlib.import_module("adamx._native._ext")
 
 
-def __getattr__(name):
-    if name == "SCALARS":
-        try:
-            return tuple(_import_ext().SCALARS)
-        except ImportError:
-            return header_abi()[0]
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+def _release(version: str) -> tuple:
+    """``(major, minor, patch)`` of a version string such as ``0.10.2`` or ``0.9.0.1``."""
+    return tuple(int(x) for x in re.findall(r"\d+", version)[:3])
 
 
 @functools.lru_cache(maxsize=None)
 def _load():
-    """``(module, "")`` once the module is imported, matches abi.h and is registered for CPU;
+    """``(module, "")`` once the module is imported, speaks this ABI and is registered for CPU;
     ``(None, reason)`` otherwise."""
+    import jaxlib
+
+    if _release(jaxlib.__version__) < MIN_JAXLIB:
+        return None, (f"adamx's native kernel needs jaxlib >= {'.'.join(map(str, MIN_JAXLIB))}, "
+                      f"and jaxlib {jaxlib.__version__} is installed: XLA:CPU before 0.7.2 reads "
+                      "the kernel's attributes as a JSON backend config and aborts the process "
+                      "when it compiles the step")
     try:
         ext = _import_ext()
     except ModuleNotFoundError:
@@ -78,16 +104,13 @@ def _load():
                       f"time, or the build failed); {_REINSTALL}")
     except ImportError as e:
         return None, f"adamx's native kernel is installed but does not load ({e}); {_REINSTALL}"
-    scalars, flags = header_abi()
-    if tuple(ext.SCALARS) != scalars or dict(ext.FLAGS) != flags:
-        return None, ("adamx's native kernel was built from another version of abi.h (a stale "
-                      f"build: scalars {tuple(ext.SCALARS)}, flags {dict(ext.FLAGS)}; abi.h has "
-                      f"{scalars}, {flags}); {_REINSTALL}")
-    import jaxlib
-
+    if getattr(ext, "ABI_VERSION", None) != ABI_VERSION:
+        return None, (f"adamx's native kernel was built from another version of adamx (ABI "
+                      f"{getattr(ext, 'ABI_VERSION', 1)}, this adamx speaks {ABI_VERSION}: a "
+                      f"stale build); {_REINSTALL}")
     # With the CPU client already made, jaxlib registers at once and raises here if it refuses
-    # the handler (an FFI API version it does not support); registered before, the refusal
-    # would come when the client is made, and no CPU computation could run in this process.
+    # the handler; registered before, the refusal would come when the client is made, and no
+    # CPU computation could run in this process.
     try:
         jax.devices("cpu")
     except RuntimeError as e:
@@ -98,8 +121,8 @@ def _load():
     except Exception as e:  # noqa: BLE001 - jaxlib raises its own error types here
         major, minor = ext.FFI_API_VERSION
         return None, (f"registering adamx's native kernel with XLA failed: {str(e).rstrip('.')}. "
-                      f"It was built against jaxlib {ext.JAXLIB_VERSION} (XLA FFI API "
-                      f"{major}.{minor}); jaxlib {jaxlib.__version__} is installed; {_REINSTALL}")
+                      f"It was built against XLA FFI API {major}.{minor}; jaxlib "
+                      f"{jaxlib.__version__} is installed; {_REINSTALL}")
     return ext, ""
 
 
@@ -110,7 +133,7 @@ def status() -> tuple[bool, str]:
     ``"cpu"`` platform; later calls return the same answer.
 
     Returns:
-      ``(True, "")`` when the kernel is built, matches ``abi.h`` and is registered; else
+      ``(True, "")`` when the kernel is built, speaks this ABI and is registered; else
       ``(False, reason)``, the reason saying what to do.
 
     Example:
@@ -124,53 +147,21 @@ def status() -> tuple[bool, str]:
     return ext is not None, why
 
 
-def _check_scalars(fn, scalars, names):
-    if not isinstance(scalars, Mapping):
-        raise TypeError(f"{fn}: scalars must be a mapping of name to array, got "
-                        f"{type(scalars).__name__}")
-    missing = [k for k in names if k not in scalars]
-    extra = sorted(str(k) for k in scalars if k not in names)
-    if missing or extra:
-        raise ValueError(f"{fn}: scalars must have exactly the keys {names}; missing {missing}, "
-                         f"extra {extra}")
-    for k in names:
-        x = scalars[k]
-        if np.ndim(x) != 0 or jnp.result_type(x) != jnp.float32:
-            raise ValueError(f"{fn}: scalars[{k!r}] must be a float32 0-d array, got "
-                             f"{jnp.result_type(x)} of shape {np.shape(x)}")
+def _format(moment: Any) -> tuple[str, tuple, int]:
+    """A moment's format name (abi.h), its arrays in operand order, and its block length."""
+    if _formats.is_quantized(moment):
+        size = int(np.prod(moment.leaf_shape))
+        block = 0 if isinstance(moment, _formats.Int4Rank1) else (
+            _formats.block_length(size, moment.absmax.shape[0]))
+        return _FORMATS[type(moment)], tuple(moment), block
+    return jnp.dtype(moment.dtype).name, (moment,), 0
 
 
-def _check_leaves(fn, leaves, decay):
-    if len(decay) != len(leaves):
-        raise ValueError(f"{fn}: decay must have one entry per leaf ({len(leaves)}), got "
-                         f"{len(decay)}")
-    for k, leaf in enumerate(leaves):
-        if len(leaf) != 4:
-            raise ValueError(f"{fn}: leaves[{k}] must be (p, g, m, v), got {len(leaf)} arrays")
-        shapes = [np.shape(x) for x in leaf]
-        dtypes = [jnp.result_type(x) for x in leaf]
-        if any(d != jnp.float32 for d in dtypes) or len(set(shapes)) != 1:
-            raise ValueError(f"{fn}: leaves[{k}] (p, g, m, v) must be float32 arrays of one "
-                             f"shape, got {[str(d) for d in dtypes]} of shapes {shapes}")
-        if not np.prod(shapes[0], dtype=int):
-            raise ValueError(f"{fn}: leaves[{k}] is empty (shape {shapes[0]}); leave it out")
-    for k, d in enumerate(decay):
-        if not isinstance(d, (bool, np.bool_)):
-            raise TypeError(f"{fn}: decay[{k}] must be a bool, got {d!r}")
+def step(scalars: Mapping[str, jax.Array], leaves: Sequence[Leaf], *, maximize: bool,
+         eps_hat: bool, nesterov: bool, isa: Optional[str] = None) -> list[tuple]:
+    r"""One Adam step of many leaves by the native kernel, in place where the caller donates.
 
-
-def step(
-    scalars: Mapping[str, jax.Array],
-    leaves: Sequence[tuple[jax.Array, jax.Array, jax.Array, jax.Array]],
-    decay: Sequence[bool],
-    *,
-    maximize: bool,
-    eps_hat: bool,
-    nesterov: bool,
-) -> list[tuple[jax.Array, jax.Array, jax.Array]]:
-    r"""One Adam step of float32 leaves by the native kernel, in place where the caller donates.
-
-    Per element, with ``g`` negated first when ``maximize``:
+    Computes abi.h's step: per element, with ``g`` negated first when ``maximize``,
 
     .. math::
 
@@ -183,71 +174,86 @@ def step(
         + \epsilon}, \\
       p' = p + \mathrm{scale}\, (d + \mathrm{weight\_decay}\; p \text{ where decay}),
 
-    each operation one float32 IEEE operation in this order (``abi.h``). Every ``GROUP`` leaves
-    make one custom call whose results alias its p, m and v operands, so under ``jax.jit`` with
-    those buffers donated the step writes them in place (without donation XLA copies them first).
-    It has no derivative rule; under ``jax.vmap`` it runs once per batch element.
+    the moments stored in their formats (quantized ones rounded stochastically) and a bfloat16
+    param written by its rounding. Every ``GROUP`` leaves make one custom call whose results
+    alias its operands, so under ``jax.jit`` with those buffers donated the step writes them in
+    place (without donation XLA copies them first). It has no derivative rule; under
+    ``jax.vmap`` it runs once per batch element. The caller (``adamx.apply``) has checked the
+    leaves: this only packs them.
 
     Args:
-      scalars: Exactly the names of :data:`SCALARS`, each a float32 0-d array.
-      leaves: ``(p, g, m, v)`` per leaf: non-empty float32 arrays of one shape per leaf.
-      decay: Per leaf, whether it gets weight decay (Python bools).
+      scalars: The float32 step scalars by the names of the module's ``SCALARS``
+        (``adamx._fused.kernel_scalars``).
+      leaves: The :class:`Leaf` of each non-empty leaf.
       maximize: Ascend instead of descend (negate ``g``).
       eps_hat: Use :math:`\hat\epsilon` inside the bias correction (Keras / TensorFlow form).
       nesterov: Use Nesterov momentum (NAdam).
+      isa: The instruction-set variant to run, one of the module's ``SUPPORTED_ISAS``; None for
+        the widest (tests compare the variants).
 
     Returns:
-      ``(new_p, new_m, new_v)`` per leaf, in the order of ``leaves``.
+      ``(param, mu, nu, compensation)`` per leaf, new, in the order of ``leaves``.
 
     Raises:
       RuntimeError: If the kernel is unavailable (the message is :func:`status`'s reason).
-      ValueError: If the scalar names differ from :data:`SCALARS` (naming the missing and
-        extra ones), or a leaf is empty or not four float32 arrays of one shape.
-      TypeError: If a flag or a decay entry is not a bool.
 
     Example:
       >>> import jax.numpy as jnp
       >>> from adamx import _native
-      >>> s = {k: jnp.float32(0.0) for k in _native.SCALARS}
+      >>> s = {k: jnp.float32(0.0) for k in _native._import_ext().SCALARS}
       >>> s.update(scale=jnp.float32(-0.1), omb1=jnp.float32(1.0), omb2=jnp.float32(1.0),
       ...          inv_bc1=jnp.float32(1.0), inv_bc2=jnp.float32(1.0))
       >>> x = jnp.array([1.0, -2.0])
-      >>> [(p, m, v)] = _native.step(s, [(x, jnp.array([0.5, -0.5]), 0 * x, 0 * x)], [False],
-      ...                            maximize=False, eps_hat=False, nesterov=False)
+      >>> leaf = _native.Leaf(x, jnp.array([0.5, -0.5]), 0 * x, 0 * x, None, "nearest", False,
+      ...                     jnp.zeros(2, jnp.uint32))
+      >>> [(p, m, v, c)] = _native.step(s, [leaf], maximize=False, eps_hat=False, nesterov=False)
       >>> p
       Array([ 0.9, -1.9], dtype=float32)
     """
-    fn = "adamx._native.step"
     ok, why = status()
     if not ok:
-        raise RuntimeError(f"{fn}: the native kernel is unavailable: {why}")
+        raise RuntimeError(f"adamx._native.step: the native kernel is unavailable: {why}")
     ext = _load()[0]
-    names = tuple(ext.SCALARS)
     options = {"maximize": maximize, "eps_hat": eps_hat, "nesterov": nesterov}
-    for name, value in options.items():
-        if not isinstance(value, (bool, np.bool_)):
-            raise TypeError(f"{fn}: {name} must be a bool, got {value!r}")
-    _check_scalars(fn, scalars, names)
-    leaves = [tuple(leaf) for leaf in leaves]
-    _check_leaves(fn, leaves, decay)
     flags = sum(bit for name, bit in ext.FLAGS.items() if options[name])
-    vector = jnp.stack([jnp.asarray(scalars[k], jnp.float32) for k in names])
+    vector = jnp.stack([jnp.asarray(scalars[k], jnp.float32) for k in ext.SCALARS])
     results = []
     for start in range(0, len(leaves), GROUP):
         group = leaves[start:start + GROUP]
-        operands = [vector]
+        operands = [vector, jnp.concatenate([leaf.keys for leaf in group])]
+        fields, result_types, aliases, shapes = [], [], {}, []
         for leaf in group:
-            operands += leaf
-        result_types = [jax.ShapeDtypeStruct(np.shape(leaf[0]), jnp.float32)
-                        for leaf in group for _ in range(3)]
-        # Operands 1 + 4j (p), 3 + 4j (m) and 4 + 4j (v) are written in place as results
-        # 3j, 3j + 1 and 3j + 2.
-        aliases = {}
-        for j in range(len(group)):
-            aliases.update({1 + 4 * j: 3 * j, 3 + 4 * j: 3 * j + 1, 4 + 4 * j: 3 * j + 2})
+            (mu_format, mu_arrays, mu_block), (nu_format, nu_arrays, nu_block) = (
+                _format(leaf.mu), _format(leaf.nu))
+            values = {"param": ext.PARAM_DTYPES[jnp.dtype(leaf.param.dtype).name],
+                      "rounding": ext.ROUNDINGS[leaf.rounding],
+                      "mu": ext.MOMENT_FORMATS[mu_format][0], "nu": ext.MOMENT_FORMATS[nu_format][0],
+                      "decay": int(leaf.decay), "mu_block": mu_block, "nu_block": nu_block}
+            fields += [values[name] for name in ext.LEAF_FIELDS]
+            written = [leaf.param, *mu_arrays, *nu_arrays]
+            if leaf.compensation is not None:
+                written.append(leaf.compensation)
+            # The operands are p, g, then the rest of the written arrays; each written array
+            # aliases its result.
+            operands += [leaf.param, leaf.grad, *written[1:]]
+            for j, x in enumerate(written):
+                aliases[len(operands) - len(written) - 1 + j + (j > 0)] = len(result_types)
+                result_types.append(jax.ShapeDtypeStruct(np.shape(x), x.dtype))
+            shapes.append((leaf, len(mu_arrays), len(nu_arrays), len(written)))
         call = jax.ffi.ffi_call(ext.TARGET, result_types, input_output_aliases=aliases,
                                 vmap_method="sequential")
-        out = call(*operands, flags=np.int64(flags),
-                   decay=np.asarray(decay[start:start + GROUP], np.int32))
-        results += [tuple(out[3 * j: 3 * j + 3]) for j in range(len(group))]
+        out = call(*operands, flags=np.int64(flags), leaves=np.asarray(fields, np.int64),
+                   isa=np.int64(-1 if isa is None else list(ext.ISAS).index(isa)))
+        offset = 0
+        for leaf, n_mu, n_nu, n in shapes:
+            new = out[offset:offset + n]
+            offset += n
+            results.append((new[0], _like(leaf.mu, new[1:1 + n_mu]),
+                            _like(leaf.nu, new[1 + n_mu:1 + n_mu + n_nu]),
+                            new[-1] if leaf.compensation is not None else None))
     return results
+
+
+def _like(moment: Any, arrays: Sequence[jax.Array]) -> Any:
+    """``arrays`` in the form of ``moment``: a quantized moment of the same format, or the array."""
+    return type(moment)(*arrays) if _formats.is_quantized(moment) else arrays[0]
