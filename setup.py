@@ -2,22 +2,26 @@
 
 The kernel (``adamx/_native``) is compiled here, as JAX's own FFI example compiles its native
 code: by the build backend, against the XLA FFI headers that jaxlib ships
-(``jax.ffi.include_dir()``; jax is a build requirement in ``pyproject.toml``). The flags are
-portable: no ``-march=native``; ``-ffp-contract=off``, so that every instruction-set variant
-(which the kernel picks at run time) computes the same IEEE operations in the same order and
-gives the same bits. The extension is optional: without a C++17 compiler, or if the build fails,
-adamx installs without it, and ``adamx._native.status()`` says why at run time.
+(``jax.ffi.include_dir()``; jax is a build requirement in ``pyproject.toml``). XLA runs handlers
+built against its own FFI API version or an older one, never a newer one: a kernel built against
+a newer jaxlib than the one installed is refused when it registers, with the remedy (build
+without isolation, against the installed jaxlib). The flags are portable: no ``-march=native``;
+``-ffp-contract=off``, so that every instruction-set variant (which the kernel picks at run time)
+computes the same IEEE operations in the same order and gives the same bits. The extension is
+optional: without a C++17 compiler, or if the build fails, adamx installs without it, and
+``adamx.kernel_available()`` is False with the reason at run time.
 """
 
-import re
 import sys
 
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
 NATIVE = "adamx/_native"
+# -fno-trapping-math lets the compiler vectorize selects between float values (it gives up floating-
+# point exception flags, which nothing reads, and changes no value); no -ffast-math.
 FLAGS = ["-std=c++17", "-O3", "-g0", "-fvisibility=hidden", "-ffp-contract=off",
-         "-fno-math-errno"]
+         "-fno-math-errno", "-fno-trapping-math"]
 
 
 class BuildNative(build_ext):
@@ -26,7 +30,6 @@ class BuildNative(build_ext):
     def build_extension(self, ext):
         try:
             import jax.ffi
-            import jaxlib
 
             include = jax.ffi.include_dir()
         except Exception as e:  # noqa: BLE001 - any failure only means "no kernel"
@@ -34,8 +37,6 @@ class BuildNative(build_ext):
             return
         # -isystem: jaxlib's headers are not ours to warn about.
         ext.extra_compile_args = [*FLAGS, "-isystem", include]
-        version = re.sub(r"[^0-9A-Za-z.+-]", "", jaxlib.__version__)
-        ext.define_macros = [("ADAMX_JAXLIB_VERSION", f'"{version}"')]
         try:
             super().build_extension(ext)
         except Exception as e:  # noqa: BLE001 - compiler missing, compile or link error
@@ -52,7 +53,7 @@ setup(
         Extension(
             "adamx._native._ext",
             sources=[f"{NATIVE}/module.cc", f"{NATIVE}/ffi.cc", f"{NATIVE}/kernel.cc"],
-            depends=[f"{NATIVE}/abi.h", f"{NATIVE}/kernel.h"],
+            depends=[f"{NATIVE}/abi.h", f"{NATIVE}/kernel.h", f"{NATIVE}/codes.h"],
             language="c++",
             optional=True,
         )
