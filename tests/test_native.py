@@ -1,33 +1,36 @@
-"""The native kernel (``adamx._native``) computes what the plain JAX path computes.
+"""The native kernel (``adamx._native``): its build and loading, its ABI, and its arithmetic.
 
-The oracle is the plain path (``adamx.update`` then ``optax.apply_updates``), itself checked
-against the float64 reference elsewhere; one test here also checks the kernel against
-``tests/reference.py`` directly, and the ABI tests read the step scalars by name from a float64
-NumPy transcription of ``abi.h``. These tests call ``_native.step`` directly, as
-``adamx.apply(..., fused=True)`` does; they fail, not skip, when the kernel is not built.
+The oracles are written from the documents, not from the kernel: NumPy transcriptions of
+``abi.h``'s per-element step (in float64, to find where each scalar enters; in float32, one NumPy
+operation per IEEE operation, for the exact bits of every instruction-set variant), and
+``tests/quantize_oracle.py`` for the code tables, the stochastic rounding rule and the random
+bits of quantized moments. The kernel is called through ``_native.step``, as
+``adamx.apply(..., fused=True)`` calls it; ``tests/test_fused.py`` tests apply against the plain
+path. The tests fail, not skip, when the kernel is not built.
 """
 
 import itertools
 import subprocess
 import sys
+import types
 
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
-import optax
 import pytest
 
 import adamx
-from adamx import _native, _numerics
-from tests.helpers import grad_sequence, nested_params
-from tests.reference import ReferenceAdam
+from adamx import _native, _numerics, _options
+from adamx._fused import kernel_scalars
+from adamx._update import Rule
+from tests import helpers
+from tests import quantize_oracle as oracle
 
-STEPS = 20
-# Float32 rounding: XLA contracts multiply-adds into FMAs where the kernel rounds twice, so
-# values differ by an ulp here and there, and a param keeps the absolute error of the larger
-# values it had on its way; so the tolerance is a few ulp of each leaf's scale.
-RTOL, ULPS = 2e-6, 8
-FLAG_SETS = list(itertools.product([False, True], repeat=3))  # maximize, eps_hat, nesterov
+FLAG_SETS = [dict(zip(("maximize", "eps_hat", "nesterov"), bits))
+             for bits in itertools.product([False, True], repeat=3)]
+SEED, COUNT, STREAM = 11, 7, 0x1234ABCD  # the random bits' (seed, count, stream) in these tests
+CODE_FLIPS = 1e-3  # see _assert_codes_match_the_oracle
 
 
 def _ext():
@@ -36,120 +39,29 @@ def _ext():
     return _native._import_ext()
 
 
-def kernel_scalars(count, *, learning_rate, b1=0.9, b2=0.999, eps=1e-8, eps_root=0.0,
-                   weight_decay=0.0):
-    """The step scalars of abi.h for the step that makes the count ``count``.
-
-    The bias corrections are the plain path's own float32 values (``adamx._numerics``), so that
-    the comparison tests the kernel, not two ways of computing 1 - b**t.
-    """
-    f32 = jnp.float32
-    count = jnp.asarray(count, jnp.int32)
-    omb1, omb2 = _numerics.one_minus(b1), _numerics.one_minus(b2)
-    bc1 = _numerics.bias_correction(omb1, count, f32)
-    bc2 = _numerics.bias_correction(omb2, count, f32)
-    bc1_next = _numerics.bias_correction(omb1, count + 1, f32)
-    one = jnp.ones([], f32)
-    s = {
-        "scale": -jnp.asarray(learning_rate, f32), "b1": b1, "omb1": omb1, "b2": b2,
-        "omb2": omb2, "eps": eps, "eps_root": eps_root, "weight_decay": weight_decay,
-        "inv_bc1": one / bc1, "inv_bc2": one / bc2, "step_scale": jnp.sqrt(bc2),
-        "nesterov_m": jnp.asarray(b1, f32) / bc1_next, "nesterov_g": jnp.asarray(omb1, f32) / bc1,
-    }
-    return {k: jnp.asarray(v, f32) for k, v in s.items()}
+def _scalars(count=7, **hyper):
+    """The kernel's scalars of a step (adamx._fused.kernel_scalars, the one place they are made)."""
+    hp = _options.Hyperparams(**{"learning_rate": 1e-2, "b1": 0.85, "b2": 0.98, "eps": 1e-7,
+                                 "eps_root": 1e-9, "weight_decay": 0.02, **hyper})
+    return {k: np.float32(v) for k, v in
+            kernel_scalars(jnp.int32(count), hp, Rule(nesterov=True, eps_hat=True)).items()}
 
 
-HYPER = ("learning_rate", "b1", "b2", "eps", "eps_root", "weight_decay")
+def _keys():
+    """uint32[2]: the param's and the moments' keys of (SEED, COUNT, STREAM), as apply makes them."""
+    return jnp.stack([_numerics.bits_key(SEED, COUNT, STREAM),
+                      _numerics.bits_key(SEED, COUNT, STREAM ^ _numerics.MOMENTS)])
 
 
-def _decay_flags(params, options):
-    leaves = jax.tree.leaves(params)
-    if not options.get("weight_decay", 0.0):
-        return [False] * len(leaves)
-    mask = options.get("mask")
-    if mask is None:
-        return [True] * len(leaves)
-    return [bool(m) for m in jax.tree.leaves(mask(params))]
+def _step(scalars, leaf, isa=None, **flags):
+    """One kernel step of one leaf: its new (param, mu, nu, compensation) as NumPy arrays."""
+    flags = {"maximize": False, "eps_hat": False, "nesterov": False, **flags}
+    new = _native.step({k: jnp.float32(v) for k, v in scalars.items()}, [leaf], isa=isa,
+                       **flags)[0]
+    return jax.tree.map(np.asarray, new)
 
 
-def native_step(options, donate=True):
-    """``adamx.apply(..., fused=True)`` written with ``_native.step``: a jitted
-    ``(params, state, grads, hyper) -> (params, state)``, with the hyperparameters traced."""
-    flags = {k: options.get(k, False) for k in ("maximize", "eps_hat", "nesterov")}
-
-    def step(params, state, grads, hyper):
-        p, treedef = jax.tree.flatten(params)
-        g = treedef.flatten_up_to(grads)
-        mu, nu = treedef.flatten_up_to(state.mu), treedef.flatten_up_to(state.nu)
-        lr = options["learning_rate"]
-        lr = lr(state.count) if callable(lr) else hyper["learning_rate"]
-        count = state.count + 1
-        s = kernel_scalars(count, **{**hyper, "learning_rate": lr})
-        decay = _decay_flags(params, options)
-        live = [k for k in range(len(p)) if p[k].size]
-        out = _native.step(s, [(p[k], g[k], mu[k], nu[k]) for k in live],
-                           [decay[k] for k in live], **flags)
-        for k, (new_p, new_mu, new_nu) in zip(live, out):
-            p[k], mu[k], nu[k] = new_p, new_mu, new_nu
-        return treedef.unflatten(p), state.replace(count=count, mu=treedef.unflatten(mu),
-                                                   nu=treedef.unflatten(nu))
-
-    return jax.jit(step, donate_argnums=(0, 1) if donate else ())
-
-
-def plain_step(options):
-    """The oracle: ``adamx.update`` and ``optax.apply_updates``, with the hyperparameters traced."""
-    static = {k: v for k, v in options.items() if k not in HYPER}
-
-    def step(params, state, grads, hyper):
-        lr = options["learning_rate"]
-        hyper = {**hyper, "learning_rate": lr if callable(lr) else hyper["learning_rate"]}
-        updates, state = adamx.update(grads, state, params, **hyper, **static)
-        return optax.apply_updates(params, updates), state
-
-    return jax.jit(step)
-
-
-def _hyper(options):
-    """The traced hyperparameters of ``options`` (a schedule stays static)."""
-    defaults = dict(learning_rate=0.0, b1=0.9, b2=0.999, eps=1e-8, eps_root=0.0,
-                    weight_decay=0.0)
-    hyper = {k: options.get(k, v) for k, v in defaults.items()}
-    if callable(hyper["learning_rate"]):
-        hyper["learning_rate"] = 0.0
-    return {k: jnp.float32(v) for k, v in hyper.items()}
-
-
-def _run(step, params, grads_seq, options):
-    state = adamx.init(params)
-    params = jax.tree.map(jnp.copy, params)
-    hyper = _hyper(options)
-    for grads in grads_seq:
-        params, state = step(params, state, grads, hyper)
-    return params, state.mu, state.nu
-
-
-def _wide_params():
-    """Leaves spanning the kernel's work chunks (65,536 elements and up run threaded): a 0-d
-    leaf, an empty one, and one of several chunks."""
-    rng = np.random.default_rng(3)
-    sizes = [1, 7, 256, 8192, 300_013]
-    tree = {f"v{n}": jnp.asarray(rng.normal(size=n), jnp.float32) for n in sizes}
-    tree["scalar"] = jnp.float32(0.5)
-    tree["empty"] = jnp.zeros((0, 3), jnp.float32)
-    tree["matrix"] = jnp.asarray(rng.normal(size=(33, 17)), jnp.float32)
-    return tree
-
-
-def _assert_trees_close(actual, expected):
-    assert jax.tree.structure(actual) == jax.tree.structure(expected)
-    for a, e in zip(jax.tree.leaves(actual), jax.tree.leaves(expected)):
-        assert a.dtype == e.dtype and a.shape == e.shape
-        e = np.asarray(e)
-        scale = float(np.max(np.abs(e), initial=1.0))
-        atol = ULPS * float(np.finfo(np.float32).eps) * scale
-        np.testing.assert_allclose(np.asarray(a), e, rtol=RTOL, atol=atol)
-
+# ---- build, loading and ABI -------------------------------------------------------------------
 
 def test_native_kernel_is_built_and_registered():
     # CI installs adamx with a compiler: a missing or broken build fails here, with the reason.
@@ -162,109 +74,97 @@ def test_importing_adamx_loads_no_native_code():
     subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
 
 
-def test_abi_is_one_list_read_from_the_header_and_the_module():
+def test_the_module_exports_the_abi_that_python_speaks():
     ext = _ext()
-    scalars, flags = _native.header_abi()
-    assert tuple(ext.SCALARS) == scalars == _native.SCALARS
-    assert dict(ext.FLAGS) == flags
-    assert ext.TARGET == "adamx_adam_step_f32"
-    # The flags are step()'s keyword options, each its own bit.
-    assert set(flags) == {"maximize", "eps_hat", "nesterov"}
-    assert sorted(flags.values()) == [1 << i for i in range(len(flags))]
-    assert set(scalars) == set(kernel_scalars(1, learning_rate=0.1))
+    assert ext.ABI_VERSION == _native.ABI_VERSION
+    assert ext.TARGET == "adamx_adam_step"
+    assert set(ext.SCALARS) == set(_scalars()) and len(set(ext.SCALARS)) == len(ext.SCALARS)
+    assert ext.FLAGS == {"maximize": 1, "eps_hat": 2, "nesterov": 4}
+    assert tuple(ext.LEAF_FIELDS) == ("param", "rounding", "mu", "nu", "decay", "mu_block",
+                                      "nu_block")
+    assert set(ext.PARAM_DTYPES) == {"float32", "bfloat16"}
+    assert set(ext.ROUNDINGS) == set(_options.ROUNDINGS)
+    arrays = {"float32": 1, "bfloat16": 1, "int8_blocks": len(adamx.Int8Blocks._fields),
+              "int4_blocks": len(adamx.Int4Blocks._fields),
+              "int4_rank1": len(adamx.Int4Rank1._fields)}
+    assert {k: n for k, (_, n) in ext.MOMENT_FORMATS.items()} == arrays
+    for codes in (ext.PARAM_DTYPES, ext.ROUNDINGS, ext.MOMENT_FORMATS):
+        assert len({v if isinstance(v, int) else v[0] for v in codes.values()}) == len(codes)
+    # The XLA FFI API the build was made against: 0.1 to 0.3 are the jaxlibs adamx supports
+    # (0.7.2 to 0.10.2), and this process's jaxlib accepted it (the kernel registered).
+    assert (0, 1) <= tuple(ext.FFI_API_VERSION) <= (0, 3) and _native.MIN_JAXLIB == (0, 7, 2)
 
 
-def test_a_stale_build_or_a_missing_one_is_refused_with_the_reason(monkeypatch):
-    scalars, flags = _native.header_abi()
-    swapped = (scalars[1], scalars[0]) + scalars[2:]
-    monkeypatch.setattr(_native, "header_abi", lambda: (swapped, flags))
-    ext, why = _native._load.__wrapped__()
-    assert ext is None and "another version of abi.h" in why
-    monkeypatch.undo()
+def test_a_stale_build_an_old_jaxlib_and_a_missing_build_are_refused_with_the_reason(monkeypatch):
+    import jaxlib
+
+    ext = _ext()
+    with monkeypatch.context() as m:
+        m.setattr(_native, "_import_ext", lambda: types.SimpleNamespace(ABI_VERSION=1))
+        ext_, why = _native._load.__wrapped__()
+        assert ext_ is None and "a stale build" in why and "ABI 1" in why
+    with monkeypatch.context() as m:
+        m.setattr(jaxlib, "__version__", "0.7.1")
+        ext_, why = _native._load.__wrapped__()
+        assert ext_ is None and "needs jaxlib >= 0.7.2, and jaxlib 0.7.1 is installed" in why
+    with monkeypatch.context() as m:
+        def refuse(*args, **kwargs):
+            raise RuntimeError("the handler's API version (0.9) is incompatible")
+
+        m.setattr(jax.ffi, "register_ffi_target", refuse)
+        ext_, why = _native._load.__wrapped__()
+        assert ext_ is None and "API version (0.9) is incompatible" in why
+        assert f"XLA FFI API {ext.FFI_API_VERSION[0]}.{ext.FFI_API_VERSION[1]}" in why
+        assert f"jaxlib {jaxlib.__version__} is installed" in why
 
     def not_built():
         raise ModuleNotFoundError("No module named 'adamx._native._ext'")
 
     monkeypatch.setattr(_native, "_import_ext", not_built)
-    ext, why = _native._load.__wrapped__()
-    assert ext is None and "installed without its native kernel" in why
-    assert "--no-build-isolation" in why
+    ext_, why = _native._load.__wrapped__()
+    assert ext_ is None and "installed without its native kernel" in why and "pip install" in why
     monkeypatch.setattr(_native, "_load", _native._load.__wrapped__)
     assert _native.status() == (False, why)
     with pytest.raises(RuntimeError, match="installed without its native kernel"):
-        _native.step({}, [], [], maximize=False, eps_hat=False, nesterov=False)
-    # Without the module, the names come from abi.h.
-    assert _native.__getattr__("SCALARS") == scalars
+        _native.step({}, [], maximize=False, eps_hat=False, nesterov=False)
 
 
-def test_a_registration_that_jaxlib_refuses_is_reported_with_both_versions(monkeypatch):
-    import jaxlib
+def test_the_handler_refuses_operands_that_break_the_abi():
+    ext = _ext()
+    scalars = jnp.asarray([_scalars()[k] for k in ext.SCALARS], jnp.float32)
+    keys = jnp.zeros(2, jnp.uint32)
+    x = jnp.ones(8)
+    f32 = ext.MOMENT_FORMATS["float32"][0]
+    fields = dict(param=0, rounding=0, mu=f32, nu=f32, decay=0, mu_block=0, nu_block=0)
 
-    def refuse(*args, **kwargs):
-        raise RuntimeError("the handler's API version (0.9) is incompatible")
+    def call(operands, isa=-1, **changed):
+        leaf = [{**fields, **changed}[name] for name in ext.LEAF_FIELDS]
+        results = [jax.ShapeDtypeStruct(a.shape, a.dtype) for j, a in enumerate(operands) if j != 1]
+        return jax.ffi.ffi_call(ext.TARGET, results)(
+            scalars, keys, *operands, flags=np.int64(0), leaves=np.asarray(leaf, np.int64),
+            isa=np.int64(isa))
 
-    monkeypatch.setattr(jax.ffi, "register_ffi_target", refuse)
-    ext, why = _native._load.__wrapped__()
-    assert ext is None and "API version (0.9) is incompatible" in why
-    assert f"jaxlib {jaxlib.__version__} is installed" in why and "--no-build-isolation" in why
-
-
-OPTIONS = {
-    "adam": dict(learning_rate=1e-2),
-    "adamw": dict(learning_rate=1e-2, weight_decay=0.05),
-    "adamw_masked": dict(learning_rate=3e-3, weight_decay=0.1,
-                         mask=lambda p: jax.tree.map(lambda x: x.ndim > 1, p)),
-    "eps_root_b1_zero": dict(learning_rate=1e-2, b1=0.0, b2=0.99, eps_root=1e-6),
-    "eps_hat": dict(learning_rate=1e-2, eps_hat=True, eps=1e-7),
-    "maximize": dict(learning_rate=1e-2, maximize=True),
-    "nesterov": dict(learning_rate=1e-2, nesterov=True, weight_decay=0.01),
-    "schedule": dict(learning_rate=optax.linear_schedule(1e-2, 1e-3, 10)),
-    "traced_hyperparameters": dict(learning_rate=5e-3, b1=0.8, b2=0.95, eps=1e-6),
-}
-
-
-@pytest.mark.parametrize("name", list(OPTIONS))
-def test_kernel_matches_plain_path_over_20_steps(name):
-    options = OPTIONS[name]
-    params = _wide_params() if name in ("adamw_masked", "nesterov", "eps_hat") else nested_params()
-    grads_seq = grad_sequence(params, STEPS)
-    expected = _run(plain_step(options), params, grads_seq, options)
-    actual = _run(native_step(options), params, grads_seq, options)
-    _assert_trees_close(actual, expected)
+    assert np.isfinite(call([x, x, x, x])[0]).all()  # the call itself works
+    codes = jnp.zeros(8, jnp.uint8)
+    for operands, changed, match in [
+        ([x, x, x, x], dict(mu=9), "unknown format of mu"),
+        ([x, x, codes, jnp.ones(1), x], dict(mu=ext.MOMENT_FORMATS["int8_blocks"][0], mu_block=8),
+         "int8 codes has the wrong dtype"),
+        ([x, x, codes.astype(jnp.int8), jnp.ones(2), x],
+         dict(mu=ext.MOMENT_FORMATS["int8_blocks"][0], mu_block=8), "int8 absmax has 2 elements"),
+        ([x, x, x, x], dict(rounding=ext.ROUNDINGS["kahan"]), "rounding does not fit"),
+        ([x, x, x], {}, "missing the operand nu"),
+        ([x, x, x, x, x], {}, "more operands or results than leaves"),
+    ]:
+        with pytest.raises(Exception, match=match):
+            call(operands, **changed)
+    with pytest.raises(Exception, match="cannot run that variant"):
+        call([x, x, x, x], isa=len(ext.ISAS))
 
 
-def test_kernel_matches_float64_reference():
-    params = _wide_params()
-    grads_seq = grad_sequence(params, STEPS)
-    leaves = jax.tree.leaves(params)
-    ref = ReferenceAdam([(x.shape, False) for x in leaves], lr=1e-2, weight_decay=0.05)
-    expected = [np.asarray(x, np.float64) for x in leaves]
-    for grads in grads_seq:
-        deltas = ref.step([np.asarray(g) for g in jax.tree.leaves(grads)], expected)
-        expected = [p + u for p, u in zip(expected, deltas)]
-    options = dict(learning_rate=1e-2, weight_decay=0.05)
-    actual, _, _ = _run(native_step(options), params, grads_seq, options)
-    for a, e in zip(jax.tree.leaves(actual), expected):
-        np.testing.assert_allclose(np.asarray(a), e, rtol=1e-5, atol=1e-6)
+# ---- where each scalar and flag enters: a float64 transcription of abi.h ------------------------
 
-
-@pytest.mark.parametrize("maximize, eps_hat, nesterov", FLAG_SETS)
-def test_each_flag_and_scalar_means_what_the_plain_path_means(maximize, eps_hat, nesterov):
-    # Every hyperparameter distinct and large enough to matter (eps and eps_root against v), so
-    # a scalar read from a neighbour's position, or a flag read from another bit, shows.
-    options = dict(learning_rate=0.05, b1=0.8, b2=0.95, eps=1e-3, eps_root=1e-4,
-                   weight_decay=0.03, maximize=maximize, eps_hat=eps_hat, nesterov=nesterov,
-                   mask=lambda p: {"w": True, "b": False})
-    rng = np.random.default_rng(0)
-    params = {"w": jnp.asarray(rng.normal(size=(8, 5)), jnp.float32),
-              "b": jnp.asarray(rng.normal(size=5), jnp.float32)}
-    grads_seq = grad_sequence(params, 3, scale=0.03)
-    expected = _run(plain_step(options), params, grads_seq, options)
-    actual = _run(native_step(options), params, grads_seq, options)
-    _assert_trees_close(actual, expected)
-
-
-def _abi_h_step(s, p, g, m, v, *, maximize, eps_hat, nesterov, decay):
+def _abi_h_float64(s, p, g, m, v, *, maximize, eps_hat, nesterov, decay):
     """abi.h's per-element step in float64, reading every scalar by name."""
     s = {k: float(x) for k, x in s.items()}
     p, g, m, v = (np.asarray(x, np.float64) for x in (p, g, m, v))
@@ -281,7 +181,7 @@ def _abi_h_step(s, p, g, m, v, *, maximize, eps_hat, nesterov, decay):
     return p + s["scale"] * d, m, v
 
 
-@pytest.mark.parametrize("name", _native.header_abi()[0])
+@pytest.mark.parametrize("name", list(_scalars()))
 def test_each_scalar_enters_the_kernel_where_abi_h_says(name):
     rng = np.random.default_rng(1)
     n = 1000
@@ -289,62 +189,74 @@ def test_each_scalar_enters_the_kernel_where_abi_h_says(name):
     g = (0.03 * rng.normal(size=n)).astype(np.float32)
     v = (1e-3 * rng.random(n)).astype(np.float32)
     # Distinct values, so that any two scalars read in each other's place change the result.
-    base = dict(zip(_native.header_abi()[0], np.linspace(0.11, 0.97, 13)))
+    base = dict(zip(_ext().SCALARS, np.linspace(0.11, 0.97, len(_ext().SCALARS))))
     base.update(scale=-0.05, eps=1e-3, eps_root=2e-4)
     used = False
-    for eps_hat, nesterov in ((False, False), (True, True)):
-        flags = dict(maximize=False, eps_hat=eps_hat, nesterov=nesterov)
+    for flags in (FLAG_SETS[0], FLAG_SETS[-1]):
         outs = []
         for factor in (1.0, 1.5):
-            s = {k: jnp.float32(x * factor if k == name else x) for k, x in base.items()}
-            out = _native.step(s, [(p, g, m, v)], [True], **flags)[0]
-            expected = _abi_h_step(s, p, g, m, v, decay=True, **flags)
-            for a, e in zip(out, expected):
-                np.testing.assert_allclose(np.asarray(a), e, rtol=2e-5, atol=1e-7)
-            outs.append(np.asarray(out[0]))
+            s = {k: np.float32(x * factor if k == name else x) for k, x in base.items()}
+            leaf = _native.Leaf(p, g, m, v, None, "nearest", True, _keys())
+            new_p, new_m, new_v, _ = _step(s, leaf, **flags)
+            expected = _abi_h_float64(s, p, g, m, v, decay=True, **flags)
+            for a, e in zip((new_p, new_m, new_v), expected):
+                np.testing.assert_allclose(a, e, rtol=2e-5, atol=1e-7)
+            outs.append(new_p)
         used |= not np.array_equal(outs[0], outs[1])
     assert used, f"the kernel's result does not depend on {name}"
 
 
-def test_donated_step_is_one_custom_call_in_place():
-    # An empty leaf is a constant that XLA copies (zero bytes), so leave it out here.
-    params = {k: v for k, v in _wide_params().items() if v.size}
-    options = dict(learning_rate=1e-2, weight_decay=0.01)
-    hlo = native_step(options).lower(params, adamx.init(params), params,
-                                     _hyper(options)).compile().as_text()
-    assert hlo.count("custom-call(") == 1
-    # No buffer is copied (the step count, a scalar, may be).
-    assert [line for line in hlo.splitlines() if " copy(" in line and "[] copy(" not in line] == []
+# ---- the bits of every variant: a float32 transcription of abi.h --------------------------------
+
+def _bf16(x):
+    """float32 values rounded to the nearest bfloat16 (ties to even), as float32."""
+    return np.asarray(x, np.float32).astype(ml_dtypes.bfloat16).astype(np.float32)
 
 
-def test_without_donation_the_inputs_are_untouched():
-    params = _wide_params()
-    grads = grad_sequence(params, 1)[0]
-    state = adamx.init(params)
-    before = jax.tree.map(np.array, (params, state))
-    options = dict(learning_rate=1e-2)
-    new_params, _ = native_step(options, donate=False)(params, state, grads, _hyper(options))
-    for a, b in zip(jax.tree.leaves((params, state)), jax.tree.leaves(before)):
-        np.testing.assert_array_equal(np.asarray(a), b)
-    moved = [not np.array_equal(np.asarray(a), b) for a, b in
-             zip(jax.tree.leaves(new_params), jax.tree.leaves(before[0])) if b.size]
-    assert all(moved)
+def _stochastic_bf16(x, bits):
+    """adamx's documented stochastic rounding to bfloat16: random low bits added, then cut off."""
+    raw = np.asarray(x, np.float32).view(np.uint32)
+    cut = ((raw + (bits >> np.uint32(16))) & np.uint32(0xFFFF0000)).view(np.float32)
+    return np.where(np.isfinite(x), cut, _bf16(x))
 
 
-def test_many_leaves_make_several_custom_calls(monkeypatch):
-    monkeypatch.setattr(_native, "GROUP", 3)
-    params = _wide_params()  # 7 non-empty leaves: calls of 3, 3 and 1
-    grads_seq = grad_sequence(params, 5)
-    options = dict(learning_rate=1e-2, weight_decay=0.01)
-    step = native_step(options)
-    hlo = step.lower(params, adamx.init(params), params, _hyper(options)).compile().as_text()
-    assert hlo.count("custom-call(") == 3
-    expected = _run(plain_step(options), params, grads_seq, options)
-    _assert_trees_close(_run(step, params, grads_seq, options), expected)
+def _abi_h_float32(s, p, g, m, v, c, *, maximize, eps_hat, nesterov, decay, rounding, stored):
+    """abi.h's step in float32, one NumPy operation per IEEE operation (NumPy contracts nothing).
+
+    p, c: the param and compensation as float32 values; ``stored``: the moments' storage dtype
+    ("float32" or "bfloat16"). Returns the new (p, m, v, c) as float32 values.
+    """
+    s = {k: np.float32(x) for k, x in s.items()}
+    g = -g if maximize else g
+    m = s["omb1"] * g + s["b1"] * m
+    v = s["omb2"] * (g * g) + s["b2"] * v
+    if stored == "bfloat16":  # stored, and used as stored
+        m, v = _bf16(m), _bf16(v)
+    m_hat = s["nesterov_m"] * m + s["nesterov_g"] * g if nesterov else m * s["inv_bc1"]
+    if eps_hat:
+        d = m_hat * (s["step_scale"] / (np.sqrt(v + s["eps_root"]) + s["eps"]))
+    else:
+        d = m_hat / (np.sqrt(v * s["inv_bc2"] + s["eps_root"]) + s["eps"])
+    if decay:
+        d = d + s["weight_decay"] * p
+    u = s["scale"] * d
+    if rounding is None:
+        return p + u, m, v, c
+    if rounding == "nearest":
+        step = _bf16(u)
+    elif rounding == "stochastic":
+        bits = oracle.random_bits(p.shape, SEED, COUNT, STREAM)
+        step = _bf16(_stochastic_bf16(p + u, bits) - p)
+    else:
+        exact = p + (u + c)
+        step = _bf16(_bf16(exact) - p)
+    landed = _bf16(p + step)
+    return landed, m, v, (_bf16(exact - landed) if rounding == "kahan" else c)
 
 
-def _bit_test_data(n, seed=0):
-    """Float32 operands over many magnitudes, with zeros and negative zeros, no subnormals."""
+def _float_data(n, seed=0):
+    """float32 operands over many magnitudes, with zeros and negative zeros, and no step that
+    reaches a denormal (the kernel flushes them to zero, as XLA:CPU does; NumPy does not)."""
     rng = np.random.default_rng(seed)
 
     def spread(low, high):
@@ -353,65 +265,173 @@ def _bit_test_data(n, seed=0):
         x[rng.random(n) < 0.02] = -0.0
         return x.astype(np.float32)
 
-    p, g, m = spread(-3, 2), spread(-3, 2), spread(-3, 1)
-    v = np.abs(spread(-6, 2))
-    scalars = kernel_scalars(7, learning_rate=1e-2, b1=0.85, b2=0.98, eps=1e-7, eps_root=1e-9,
-                             weight_decay=0.02)
-    return np.asarray([scalars[k] for k in _native.SCALARS], np.float32), p, g, m, v
+    return spread(-3, 2), spread(-3, 2), spread(-3, 1), np.abs(spread(-6, 2))
 
 
-def _run_isa(ext, isa, s, p, g, m, v, flags, decay):
-    p, m, v = p.copy(), m.copy(), v.copy()
-    ext.run_isa(isa, s, p, g, m, v, flags, decay)
-    return p, m, v
+KINDS = {  # name: (param dtype, rounding, moments' dtype)
+    "float32": ("float32", None, "float32"),
+    "float32_bf16_moments": ("float32", None, "bfloat16"),
+    "bf16_nearest": ("bfloat16", "nearest", "bfloat16"),
+    "bf16_stochastic": ("bfloat16", "stochastic", "float32"),
+    "bf16_kahan": ("bfloat16", "kahan", "bfloat16"),
+}
 
 
-def test_every_instruction_set_variant_gives_the_same_bits():
-    ext = _ext()
-    assert ext.SUPPORTED_ISAS[0] == "baseline" and ext.DISPATCHED_ISA == ext.SUPPORTED_ISAS[-1]
-    s, p, g, m, v = _bit_test_data(4099)  # not a multiple of any vector width
-    for flags, decay in itertools.product(range(8), (False, True)):
-        expected = _run_isa(ext, "baseline", s, p, g, m, v, flags, decay)
-        for isa in ext.SUPPORTED_ISAS[1:]:
-            actual = _run_isa(ext, isa, s, p, g, m, v, flags, decay)
-            for a, e in zip(actual, expected):
-                np.testing.assert_array_equal(a.view(np.int32), e.view(np.int32),
-                                              err_msg=f"{isa}, flags {flags}, decay {decay}")
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_every_instruction_set_variant_gives_the_float32_bits_of_abi_h(kind):
+    param, rounding, stored = KINDS[kind]
+    s = _scalars()
+    n = 70_001  # threaded, and no multiple of a vector width
+    p, g, m, v = _float_data(n)
+    c = np.zeros(n, np.float32)
+    if param == "bfloat16":
+        p, g = _bf16(p), _bf16(g)
+        c = _bf16(np.where(np.arange(n) % 3, p * 2.0**-10, 0.0))
+    if stored == "bfloat16":
+        m, v = _bf16(m), _bf16(v)
+    dtype = jnp.dtype(param)
+    moment = jnp.dtype(stored)
+    leaf_arrays = (jnp.asarray(p, dtype), jnp.asarray(g, dtype), jnp.asarray(m, moment),
+                   jnp.asarray(v, moment))
+    supported = _ext().SUPPORTED_ISAS
+    assert supported[0] == "baseline" and _ext().DISPATCHED_ISA == supported[-1]
+    for flags, decay in itertools.product(FLAG_SETS, (False, True)):
+        leaf = _native.Leaf(*leaf_arrays, jnp.asarray(c, jnp.bfloat16) if rounding == "kahan"
+                            else None, rounding or "nearest", decay, _keys())
+        expected = _abi_h_float32(s, p, g, m, v, c, decay=decay, rounding=rounding, stored=stored,
+                                  **flags)
+        for isa in supported:
+            new_p, new_m, new_v, new_c = _step(s, leaf, isa=isa, **flags)
+            actual = [new_p, new_m, new_v] + ([new_c] if rounding == "kahan" else [])
+            for name, a, e in zip(("p", "m", "v", "c"), actual, expected):
+                np.testing.assert_array_equal(
+                    np.asarray(a, np.float32).view(np.uint32), np.asarray(e).view(np.uint32),
+                    err_msg=f"{kind}, {name}, {isa}, {flags}, decay {decay}")
 
 
-def test_custom_call_gives_the_bits_of_one_thread_in_one_pass():
-    # The threaded custom call splits the elements into chunks; no split changes a bit.
-    ext = _ext()
-    s, p, g, m, v = _bit_test_data(300_013, seed=1)
-    scalars = dict(zip(_native.SCALARS, (jnp.float32(x) for x in s)))
-    for flags in FLAG_SETS:
-        options = dict(zip(("maximize", "eps_hat", "nesterov"), flags))
-        bits = sum(ext.FLAGS[k] for k, on in options.items() if on)
-        expected = _run_isa(ext, ext.DISPATCHED_ISA, s, p, g, m, v, bits, True)
-        actual = jax.jit(lambda s, p, g, m, v, o=options: _native.step(
-            s, [(p, g, m, v)], [True], **o))(scalars, p, g, m, v)[0]
-        for a, e in zip(actual, expected):
-            np.testing.assert_array_equal(np.asarray(a).view(np.int32), e.view(np.int32))
+# ---- quantized moments: the codes of the quantization oracle ----------------------------------
+
+def _random_state(shape, mu_format, nu_format, rng, block_mu=256, block_nu=256):
+    """Random stored moments of a leaf (codes of every value, scales over 8 decades), and their
+    decoded values by the oracle's tables (float32)."""
+    size, rows, cols = int(np.prod(shape)), int(np.prod(shape[:-1])), shape[-1]
+
+    def scales(count, dtype=np.float32):
+        return (rng.uniform(0.5, 1.0, count) * 10.0 ** rng.uniform(-6, 2, count)).astype(dtype)
+
+    def blockwise(values, absmax, block):
+        return (values * np.repeat(np.asarray(absmax, np.float32), block)[:size].reshape(shape))
+
+    if mu_format == "int8":
+        codes = rng.integers(-127, 128, size=shape).astype(np.int8)
+        absmax = scales(-(-size // block_mu))
+        mu = adamx.Int8Blocks(jnp.asarray(codes), jnp.asarray(absmax))
+        values = np.sign(codes) * oracle.SIGNED8[np.abs(codes)].astype(np.float32)
+        m = blockwise(values.astype(np.float32), absmax, block_mu)
+    else:
+        codes = rng.integers(-7, 8, size=shape)
+        absmax = scales(-(-size // block_mu), ml_dtypes.bfloat16)
+        packed = ((codes[..., 0::2] & 15) | ((codes[..., 1::2] & 15) << 4)).astype(np.uint8)
+        mu = adamx.Int4Blocks(jnp.asarray(packed.view(np.int8)), jnp.asarray(absmax))
+        values = np.sign(codes) * oracle.SQUARE4[np.abs(codes)].astype(np.float32)
+        m = blockwise(values.astype(np.float32), absmax.astype(np.float32), block_mu)
+    if nu_format == "int8":
+        codes = rng.integers(0, 256, size=shape).astype(np.uint8)
+        absmax = scales(-(-size // block_nu))
+        nu = adamx.Int8Blocks(jnp.asarray(codes), jnp.asarray(absmax))
+        v = blockwise(oracle.UNSIGNED8[codes].astype(np.float32), absmax, block_nu)
+    else:
+        codes = rng.integers(0, 16, size=shape)
+        padded = np.pad(codes, [(0, 0)] * (len(shape) - 1) + [(0, cols % 2)])
+        packed = (padded[..., 0::2] | (padded[..., 1::2] << 4)).astype(np.uint8)
+        row_max, col_max = scales(rows).reshape(shape[:-1]), scales(cols)
+        nu = adamx.Int4Rank1(jnp.asarray(packed), jnp.asarray(row_max), jnp.asarray(col_max))
+        scale = np.minimum(row_max.reshape(-1, 1), col_max[None, :]).reshape(shape)
+        v = oracle.LINEAR4[codes].astype(np.float32) * scale
+    return mu, nu, m.astype(np.float32), v.astype(np.float32)
 
 
-def test_step_rejects_bad_arguments():
-    s = kernel_scalars(1, learning_rate=0.1)
-    x = jnp.ones(3)
-    leaf = [(x, x, x, x)]
-    flags = dict(maximize=False, eps_hat=False, nesterov=False)
-    extra = {**{k: v for k, v in s.items() if k != "b1"}, "bc1": s["b1"]}
-    with pytest.raises(ValueError, match=r"missing \['b1'\], extra \['bc1'\]"):
-        _native.step(extra, leaf, [False], **flags)
-    with pytest.raises(ValueError, match="scalars\\['eps'\\] must be a float32 0-d array"):
-        _native.step({**s, "eps": jnp.ones(2)}, leaf, [False], **flags)
-    with pytest.raises(ValueError, match=r"leaves\[0\] \(p, g, m, v\) must be float32"):
-        _native.step(s, [(x, x, x.astype(jnp.bfloat16), x)], [False], **flags)
-    with pytest.raises(ValueError, match="one shape"):
-        _native.step(s, [(x, x, jnp.ones(4), x)], [False], **flags)
-    with pytest.raises(ValueError, match="empty"):
-        e = jnp.ones(0)
-        _native.step(s, [(e, e, e, e)], [False], **flags)
-    with pytest.raises(ValueError, match="one entry per leaf"):
-        _native.step(s, leaf, [], **flags)
-    with pytest.raises(TypeError, match="nesterov must be a bool"):
-        _native.step(s, leaf, [False], maximize=False, eps_hat=False, nesterov=1)
+def _expected_codes(x, scale, table, u, *, signed):
+    """Each value's code by the oracle: |x| / scale (float64) rounded stochastically in ``table``
+    (0 first) with the uniforms ``u``; a positive second moment never becomes 0."""
+    y = np.abs(x.astype(np.float64)) / np.where(scale > 0, scale, 1.0)
+    rounded = oracle.round_to(y, table, u, no_zero=not signed)
+    code = np.searchsorted(table, rounded)
+    return np.where(scale > 0, np.sign(x) * code if signed else code, 0).astype(np.int64)
+
+
+def _assert_codes_match_the_oracle(actual, expected, where):
+    """A float32 product can fall on the other side of a rounding threshold from the float64
+    ratio: at most CODE_FLIPS of the codes differ, each by one."""
+    differ = actual != expected
+    assert np.abs(actual - expected).max(initial=0) <= 1, where
+    assert differ.mean() <= CODE_FLIPS, f"{where}: {differ.sum()} of {differ.size} codes differ"
+
+
+QUANTIZED = {  # name: (shape, mu format, nu format, mu block, nu block)
+    "int8": ((300, 260), "int8", "int8", 256, 256),
+    "int8_blocks_longer_than_a_tile": ((100, 300), "int8", "int8", 4096, 1024),
+    "int4": ((260, 300), "int4", "rank1", 32, 0),
+    "int4_odd_columns": ((300, 65), "int8", "rank1", 256, 0),
+}
+
+
+def _blocks(x, block):
+    """x flattened into rows of ``block`` (the last one padded with zeros)."""
+    return np.pad(x.reshape(-1), (0, -x.size % block)).reshape(-1, block)
+
+
+def _per_element(per_block, block, shape):
+    return np.repeat(per_block, block)[:int(np.prod(shape))].reshape(shape)
+
+
+@pytest.mark.parametrize("name", list(QUANTIZED))
+def test_every_variant_stores_quantized_moments_as_the_quantization_oracle_rounds_them(name):
+    shape, mu_format, nu_format, block_mu, block_nu = QUANTIZED[name]
+    rng = np.random.default_rng(5)
+    s = _scalars()
+    p, g = (rng.normal(size=shape).astype(np.float32) for _ in range(2))
+    mu, nu, m_old, v_old = _random_state(shape, mu_format, nu_format, rng, block_mu, block_nu)
+    leaf = _native.Leaf(jnp.asarray(p), jnp.asarray(g), mu, nu, None, "nearest", True, _keys())
+    results = {isa: _step(s, leaf, isa=isa) for isa in _ext().SUPPORTED_ISAS}
+    new_p, new_mu, new_nu, _ = results[_ext().DISPATCHED_ISA]
+    for isa, result in results.items():  # every variant gives the same bits
+        for a, b in zip(jax.tree.leaves(result), jax.tree.leaves(results[_ext().DISPATCHED_ISA])):
+            np.testing.assert_array_equal(a, b, err_msg=f"{name}: {isa}")
+
+    # The new moments and param by the float32 transcription, from the oracle's decoded values:
+    # the param steps with the moments unrounded.
+    p_new, m, v, _ = _abi_h_float32(s, p, g, m_old, v_old, None, maximize=False, eps_hat=False,
+                                    nesterov=False, decay=True, rounding=None, stored="float32")
+    helpers.assert_trees_close(new_p, p_new)
+    bits = oracle.random_bits(shape, SEED, COUNT, STREAM ^ oracle.MOMENTS)
+    u_mu, u_nu = (bits & 0xFFFF) / 2.0**16, (bits >> 16) / 2.0**16
+    v = np.minimum(v, np.finfo(np.float32).max)  # an overflowed square saturates
+    peak = np.abs(_blocks(m, block_mu)).max(axis=1)
+    if mu_format == "int8":
+        np.testing.assert_array_equal(new_mu.absmax, peak)
+        codes = _expected_codes(m, _per_element(peak, block_mu, shape), oracle.SIGNED8, u_mu,
+                                signed=True)
+        _assert_codes_match_the_oracle(np.asarray(new_mu.codes, np.int64), codes, "mu")
+    else:
+        scale = np.array([oracle.bfloat16_up(x) for x in peak])
+        np.testing.assert_allclose(np.asarray(new_mu.absmax, np.float64), scale, rtol=2.0**-7)
+        codes = _expected_codes(m, _per_element(scale, block_mu, shape), oracle.SQUARE4, u_mu,
+                                signed=True)
+        _assert_codes_match_the_oracle(helpers.nibbles(new_mu.codes, signed=True), codes, "mu")
+    if nu_format == "int8":
+        peak = _blocks(v, block_nu).max(axis=1)
+        np.testing.assert_array_equal(new_nu.absmax, peak)
+        codes = _expected_codes(v, _per_element(peak, block_nu, shape), oracle.UNSIGNED8, u_nu,
+                                signed=False)
+        _assert_codes_match_the_oracle(np.asarray(new_nu.codes, np.int64), codes, "nu")
+    else:
+        rows, cols = v.max(axis=1), v.max(axis=0)
+        np.testing.assert_array_equal(new_nu.row_max, rows)
+        np.testing.assert_array_equal(new_nu.col_max, cols)
+        codes = _expected_codes(v, np.minimum(rows[:, None], cols[None, :]), oracle.LINEAR4, u_nu,
+                                signed=False)
+        actual = helpers.nibbles(new_nu.codes, signed=False)[:, :shape[-1]]
+        _assert_codes_match_the_oracle(actual, codes, "nu")
+        if shape[-1] % 2:  # the padding nibble of an odd row stays 0
+            assert not helpers.nibbles(new_nu.codes, signed=False)[:, -1].any()
