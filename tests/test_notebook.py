@@ -133,10 +133,22 @@ def shared(directory):
 
 
 @pytest.mark.parametrize("layout", ["shared_parent", "shared_parent_of_notebooks", "ancestor",
-                                    "another_project"])
+                                    "another_project", "working_directory",
+                                    "writable_notebooks", "writable_pycache"])
 def test_install_cell_never_imports_a_package_planted_outside_its_checkout(tmp_path, layout):
     marker = tmp_path / "planted-adamx-was-imported"
-    if layout == "shared_parent":  # /tmp/adamx planted, the notebook run from /tmp/x
+    if layout == "working_directory":  # /tmp/adamx planted, the notebook run from /tmp itself
+        plant_adamx(shared(tmp_path / "tmp"), marker)
+        cwd = tmp_path / "tmp"
+    elif layout == "writable_notebooks":  # a module the cell imports, planted in notebooks/
+        plant_adamx(tmp_path / "checkout", tmp_path / "checkout-adamx-was-imported")
+        cwd = shared(tmp_path / "checkout" / "notebooks")
+        (cwd / "tomllib.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
+    elif layout == "writable_pycache":  # anyone could plant bytecode in adamx/__pycache__
+        plant_adamx(tmp_path / "checkout", marker)
+        shared(tmp_path / "checkout" / "adamx" / "__pycache__")
+        cwd = tmp_path / "checkout" / "notebooks"
+    elif layout == "shared_parent":  # /tmp/adamx planted, the notebook run from /tmp/x
         plant_adamx(shared(tmp_path / "tmp"), marker)
         cwd = tmp_path / "tmp" / "x"
     elif layout == "shared_parent_of_notebooks":  # the same, with the notebook in /tmp/notebooks
@@ -148,9 +160,10 @@ def test_install_cell_never_imports_a_package_planted_outside_its_checkout(tmp_p
     else:  # notebooks/ beside a package named adamx of a project with another name
         plant_adamx(tmp_path, marker, project="not-adamx")
         cwd = tmp_path / "notebooks"
-    cwd.mkdir(parents=True)
+    cwd.mkdir(parents=True, exist_ok=True)
     assert import_after_install_cell(cwd).splitlines()[-1] == "no adamx"
     assert not marker.exists()
+    assert not (tmp_path / "checkout-adamx-was-imported").exists()
 
 
 def test_install_cell_imports_the_checkout_its_notebooks_directory_sits_in(tmp_path):
