@@ -135,7 +135,8 @@ def stochastic_round(x, bits, dtype):
     """Rounds float32 ``x`` to ``dtype`` (bfloat16 or float16), up with probability equal to the
     distance from the lower neighbour in units of the gap, so ``E[result] = x``.
 
-    ``bits``: uniform uint32 random bits of ``x``'s shape. Non-finite values pass through. Its
+    ``bits``: uniform uint32 random bits of ``x``'s shape. Non-finite values pass through, and a
+    value that would round up to infinity rounds to nearest instead. Its
     derivative is the identity (a straight-through estimate), as rounding to nearest has.
     """
     x = x.astype(jnp.float32)
@@ -153,7 +154,10 @@ def stochastic_round(x, bits, dtype):
         gap = jax.lax.bitcast_convert_type(((exponent - finfo.nmant + 127) << 23), jnp.float32)
         u = (bits >> 8).astype(jnp.float32) * np.float32(2.0**-24)
         rounded = jnp.copysign(jnp.floor(jnp.abs(x) / gap + u) * gap, x)
-    return jnp.where(jnp.isfinite(x), rounded, x).astype(dtype)
+    rounded = jnp.where(jnp.isfinite(x), rounded, x).astype(dtype)
+    # Up past the dtype's largest value is infinity: round to nearest there, which is finite
+    # below the overflow threshold as rounding to nearest everywhere would be.
+    return jnp.where(jnp.isinf(rounded), x.astype(dtype), rounded)
 
 
 @stochastic_round.defjvp

@@ -216,10 +216,11 @@ def _check_kahan(caller, paths, params, stored):
     were cast (to or from bfloat16) does not fit them."""
     for path, p, leaf in zip(paths, params, stored):
         rounds = p is not None and _numerics.rounds(jnp.result_type(p), "kahan")
-        if rounds != (leaf.compensation is not None):
+        c = leaf.compensation
+        if rounds != (c is not None) or (rounds and c.dtype != jnp.result_type(p)):
             raise ValueError(
                 f"{caller}: params{keystr(path)} is {short(p)}, but state.compensation{keystr(path)} "
-                f"is {short(leaf.compensation)}: Kahan keeps a compensation for each float16 and "
+                f"is {short(c)}: Kahan keeps a compensation in the dtype of each float16 and "
                 "bfloat16 param, and only for them; build the state with init from the params "
                 "as they are now")
 

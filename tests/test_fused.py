@@ -24,6 +24,7 @@ contracts some multiply-adds into FMAs, which the kernel rounds twice):
 
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 import optax
 import pytest
@@ -416,3 +417,16 @@ def test_fused_apply_decides_by_where_the_arrays_are_on_8_host_devices():
         assert "inside shard_map, each device's" in found[name]
     # Inside shard_map each device steps its own shard: the kernel runs there.
     assert found["shard_map_gap"] <= 1e-6
+
+
+def test_fused_stochastic_rounding_never_rounds_a_finite_param_up_to_infinity():
+    # -max moved by -0.4 gap is below the overflow threshold: nearest gives -max, and so must
+    # the kernel's stochastic rounding, as the plain path's does (tests/test_rounding.py).
+    top = np.float64(jnp.finfo(jnp.bfloat16).max)
+    gap = top - np.float64(np.nextafter(np.asarray(top, ml_dtypes.bfloat16),
+                                        np.asarray(0, ml_dtypes.bfloat16)))
+    params = {"w": jnp.full((64, 128), -top, jnp.bfloat16)}
+    grads = {"w": jnp.ones((64, 128), jnp.bfloat16)}
+    options = dict(learning_rate=0.4 * gap, eps=0.0, param_rounding="stochastic")
+    new, _ = _apply_step(options, donate=False, fused=True)(params, adamx.init(params), grads)
+    np.testing.assert_array_equal(np.asarray(new["w"], np.float64), -top)

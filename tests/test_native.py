@@ -214,10 +214,11 @@ def _bf16(x):
 
 
 def _stochastic_bf16(x, bits):
-    """adamx's documented stochastic rounding to bfloat16: random low bits added, then cut off."""
+    """adamx's documented stochastic rounding to bfloat16: random low bits added, then cut off; to
+    nearest where that gives infinity."""
     raw = np.asarray(x, np.float32).view(np.uint32)
     cut = ((raw + (bits >> np.uint32(16))) & np.uint32(0xFFFF0000)).view(np.float32)
-    return np.where(np.isfinite(x), cut, _bf16(x))
+    return np.where(np.isfinite(x) & np.isfinite(cut), cut, _bf16(x))
 
 
 def _abi_h_float32(s, p, g, m, v, c, *, maximize, eps_hat, nesterov, decay, rounding, stored):

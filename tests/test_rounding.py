@@ -272,3 +272,45 @@ def test_a_traced_seed_must_be_an_integer_scalar(seed, message):
 
     with pytest.raises(TypeError, match=f"adamx.update: seed must be an integer scalar, got {message}"):
         jax.jit(step)(seed)
+
+
+@pytest.mark.parametrize("rounding", ["nearest", "stochastic", "kahan"])
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_a_param_below_the_overflow_threshold_never_rounds_to_infinity(rounding, dtype):
+    # The first step moves -max by -lr, to an exact value above the largest finite magnitude but
+    # below the overflow threshold (max + half a gap): its neighbours are -max and -inf, and
+    # rounding to nearest gives -max. No rounding mode may give -inf there.
+    finfo = jnp.finfo(dtype)
+    top_gap = float(finfo.max) - float(np.nextafter(np.asarray(finfo.max, dtype),
+                                                     np.asarray(0, dtype)))
+    lr = 0.4 * top_gap
+    assert float(finfo.max) + lr < float(finfo.max) + top_gap / 2  # below the threshold
+    _, new = first_step(jnp.full(4096, -finfo.max, dtype), lr, rounding=rounding)
+    np.testing.assert_array_equal(np.asarray(new, np.float64), -float(finfo.max))
+
+
+def test_kahan_refuses_a_compensation_of_another_16_bit_dtype():
+    # A float16 compensation cannot hold a bfloat16 param's rounding error (it overflows).
+    half, brain = {"w": jnp.full(2, 1e4, jnp.float16)}, {"w": jnp.full(2, 1e8, jnp.bfloat16)}
+    tx = adamx.adam(1e-2, param_rounding="kahan")
+    state = tx.init({"w": jnp.ones(2, jnp.float16)})
+    with pytest.raises(ValueError, match=r"adamx.adam: params\['w'\] is bfloat16\[2\], but "
+                                         r"state.compensation\['w'\] is float16\[2\]"):
+        tx.update(brain, state, brain)
+    tx.update(half, state, half)  # its own dtype
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.int32])
+def test_a_single_leaf_params_tree_takes_the_state_its_init_builds(dtype):
+    # One leaf that keeps no compensation (float32, int) or no moment (int) makes the whole
+    # field None; the transformation must still take its own state, and run as the reference.
+    params = jnp.arange(1.0, 9.0).astype(dtype)
+    grads = jnp.linspace(-1.0, 1.0, 8).astype(dtype)
+    for tx in (adamx.adam(0.1, param_rounding="kahan"), adamx.amsgrad(0.1)):
+        updates, _ = tx.update(grads, tx.init(params), params)
+        if jnp.issubdtype(dtype, jnp.integer):
+            np.testing.assert_array_equal(np.asarray(updates), 0)
+        else:  # the first step is -lr sign(g) up to eps, and to a param's ulp in bfloat16
+            np.testing.assert_allclose(np.asarray(updates, np.float64),
+                                       -0.1 * np.sign(np.asarray(grads, np.float64)), rtol=1e-6,
+                                       atol=0 if dtype == jnp.float32 else 2.0**-4)

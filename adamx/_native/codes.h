@@ -47,10 +47,11 @@ ADAMX_INLINE uint16_t ToBf16(float x) {
   return static_cast<uint16_t>((b & kAbs) > kExponent ? (b >> 16) | 0x40u : nearest);
 }
 
-// adamx._numerics.stochastic_round to bfloat16: random low bits added, then cut off.
+// adamx._numerics.stochastic_round to bfloat16: random low bits added, then cut off; to nearest
+// where that would give infinity.
 ADAMX_INLINE uint16_t StochasticBf16(float x, uint32_t bits) {
   const uint32_t cut = (BitsOf(x) + (bits >> 16)) >> 16;
-  return Finite(x) ? static_cast<uint16_t>(cut) : ToBf16(x);
+  return Finite(x) && (cut & 0x7F80u) != 0x7F80u ? static_cast<uint16_t>(cut) : ToBf16(x);
 }
 
 // ---- random bits (adamx._numerics.random_bits) -----------------------------------------------
