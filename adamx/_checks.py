@@ -17,6 +17,7 @@ import numpy as np
 # Concrete hyperparameters must be finite in float32, the narrowest dtype the math runs in:
 # ``learning_rate=1e39`` is a finite float64 but an infinite step.
 F32_MAX = float(np.finfo(np.float32).max)
+INT32_MAX = int(np.iinfo(np.int32).max)
 
 
 def is_traced(value: Any) -> bool:

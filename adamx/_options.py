@@ -88,10 +88,15 @@ _RANGES = {
     "eps": (_non_negative, "be finite and >= 0"),
     "eps_root": (_non_negative, "be finite and >= 0"),
     "weight_decay": (_non_negative, "be finite and >= 0"),
-    "seed": (lambda x: (x >= 0) & (x <= np.float64(2**32 - 1)) if isinstance(x, np.floating)
-             else x >= 0,  # a traced seed is a 32-bit integer (concrete_integer checks it)
-             "be in [0, 2**32)"),
+    "seed": (lambda x: (x >= 0) & (x <= _seed_top(x)), "be in [0, 2**32)"),
 }
+
+
+def _seed_top(x):
+    """2**32 - 1, in a traced integer seed's own dtype where that holds it (int64 under x64)."""
+    if isinstance(x, np.floating):
+        return np.float64(2**32 - 1)
+    return np.asarray(min(np.iinfo(x.dtype).max, 2**32 - 1), x.dtype)
 
 
 def check(caller: str, name: str, value: Any, *, what: str = "") -> None:
@@ -199,13 +204,14 @@ def check_hyperparams(*, count: Any = None, **hyperparams: Any) -> None:
     checked at once (and raise); None skips an argument.
 
     Args:
-      count: A state's step count (``state.count``), which must be >= 0.
+      count: A state's step count (``state.count``): an integer in [0, 2**31).
       **hyperparams: Any of ``learning_rate``, ``b1``, ``b2``, ``eps``, ``eps_root``,
         ``weight_decay`` and ``seed``, as in :func:`adamx.update`.
 
     Raises:
       ValueError: For a concrete value out of range.
-      TypeError: For an unknown argument, or a concrete value that is not a number.
+      TypeError: For an unknown argument, or a concrete value that is not a number (not an
+        integer, for ``seed`` and ``count``).
 
     Example:
       >>> import jax, jax.numpy as jnp, adamx
@@ -231,7 +237,8 @@ def check_hyperparams(*, count: Any = None, **hyperparams: Any) -> None:
         else:
             check(caller, name, value)
     if count is not None:
-        if _checks.is_traced(count):
+        concrete = _checks.concrete_integer(caller, "count", count)
+        if concrete is None:
             checkify.check(count >= 0, f"{caller}: state.count must be >= 0, got {{}}", count)
-        elif int(np.asarray(count)) < 0:
-            raise ValueError(f"{caller}: state.count must be >= 0, got {int(np.asarray(count))}")
+        elif not 0 <= concrete <= _checks.INT32_MAX:
+            raise ValueError(f"{caller}: count must be in [0, 2**31), got {count!r}")

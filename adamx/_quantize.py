@@ -201,7 +201,10 @@ def quantize(x: jax.typing.ArrayLike, spec: Union[str, Spec] = "int8", *, signed
                          f"{spec!r}")
     if not isinstance(signed, (bool, np.bool_)):
         raise TypeError(f"{caller}: signed must be True or False, got {signed!r}")
-    x = jnp.asarray(x)
+    try:
+        x = jnp.asarray(x)
+    except (TypeError, ValueError):
+        raise TypeError(f"{caller}: x must be a real float array, got {type(x).__name__}") from None
     if not jnp.issubdtype(x.dtype, jnp.floating):
         raise TypeError(f"{caller}: x must be a real float array, got dtype {x.dtype}")
     if x.ndim == 0 or x.size == 0:
@@ -239,7 +242,8 @@ def dequantize(q: Quantized, dtype: Any = jnp.float32) -> jax.Array:
       The array ``q`` stands for: its shape is read from ``q``'s arrays.
 
     Raises:
-      TypeError: If ``q`` is not a quantized moment.
+      TypeError: If ``q`` is not a quantized moment, or ``dtype`` not a float dtype.
+      ValueError: If ``q``'s arrays do not fit together (their dtypes and shapes).
 
     Example:
       >>> import jax.numpy as jnp, adamx
@@ -252,10 +256,21 @@ def dequantize(q: Quantized, dtype: Any = jnp.float32) -> jax.Array:
              [2., 2.],
              [3., 3.]], dtype=float32)
     """
+    caller = "adamx.dequantize"
     if not _formats.is_quantized(q):
-        raise TypeError(f"adamx.dequantize: q must be an Int8Blocks, Int4Blocks or Int4Rank1, got "
+        raise TypeError(f"{caller}: q must be an Int8Blocks, Int4Blocks or Int4Rank1, got "
                         f"{type(q).__name__}")
-    return _decode(q, jnp.dtype(dtype))
+    for field, a in zip(q._fields, q):
+        if not (hasattr(a, "shape") and hasattr(a, "dtype")):
+            raise TypeError(f"{caller}: q.{field} must be an array, got {type(a).__name__}")
+    q.check(caller, "q", q.leaf_shape)
+    try:
+        resolved = jnp.dtype(dtype)
+    except (TypeError, ValueError):
+        resolved = None
+    if resolved is None or not jnp.issubdtype(resolved, jnp.floating):
+        raise TypeError(f"{caller}: dtype must be a real float dtype, got {dtype!r}")
+    return _decode(q, resolved)
 
 
 @functools.partial(jax.jit, static_argnums=1)

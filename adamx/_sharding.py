@@ -83,8 +83,6 @@ def _leaf_shardings(entries: list, mesh: Mesh, axis: str) -> list:
 
 def _state_shardings(state: Any, mesh: Mesh, axis: str) -> Any:
     """ZeRO-1 of an AdamState: per param, one split for all its entries."""
-    from adamx._state import LEAF_FIELDS
-
     is_entry = lambda x: x is None or is_quantized(x)  # noqa: E731
     flat = {name: jax.tree.flatten(getattr(state, name), is_leaf=is_entry)
             for name in LEAF_FIELDS if getattr(state, name) is not None}
@@ -133,6 +131,7 @@ def zero1_shardings(state: Any, mesh: Mesh, axis: str = "data") -> Any:
 
     Raises:
       ValueError: If ``mesh`` has no axis named ``axis``.
+      TypeError: If ``mesh`` is not a mesh, or a leaf of ``state`` has no shape.
 
     Example:
       >>> import jax, jax.numpy as jnp, adamx
@@ -143,11 +142,15 @@ def zero1_shardings(state: Any, mesh: Mesh, axis: str = "data") -> Any:
       ((None, 'data'), ('data',), ())
       >>> state = jax.jit(adamx.init, out_shardings=shardings)(params)
     """
+    caller = "adamx.zero1_shardings"
+    if not isinstance(mesh, (Mesh, jax.sharding.AbstractMesh)):
+        raise TypeError(f"{caller}: mesh must be a jax.sharding.Mesh, got {type(mesh).__name__}")
     if axis not in mesh.axis_names:
-        raise ValueError(
-            f"adamx.zero1_shardings: axis must be one of the mesh axes {mesh.axis_names}, "
-            f"got {axis!r}"
-        )
+        raise ValueError(f"{caller}: axis must be one of the mesh axes {mesh.axis_names}, got {axis!r}")
+    for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]:
+        if not hasattr(leaf, "shape"):
+            raise TypeError(f"{caller}: state{jax.tree_util.keystr(path)} must be an array or a "
+                            f"jax.ShapeDtypeStruct, got {type(leaf).__name__}")
     def shardings(node):
         if isinstance(node, AdamState):
             return _state_shardings(node, mesh, axis)

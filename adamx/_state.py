@@ -103,7 +103,7 @@ def init(
                   _storage.check_spec(caller, "nu_dtype", nu_dtype))
     check_bool(caller, "amsgrad", amsgrad)
     check_choice(caller, "param_rounding", param_rounding, ROUNDINGS)
-    return zeros(params, specs, amsgrad=amsgrad, kahan=param_rounding == "kahan")
+    return zeros(caller, params, specs, amsgrad=amsgrad, kahan=param_rounding == "kahan")
 
 
 class Specs(NamedTuple):
@@ -113,8 +113,13 @@ class Specs(NamedTuple):
     nu: Any = None
 
 
-def zeros(params: PyTree, specs: Specs, *, amsgrad: bool, kahan: bool) -> AdamState:
+def zeros(caller: str, params: PyTree, specs: Specs, *, amsgrad: bool, kahan: bool) -> AdamState:
     """:func:`init` for specs already checked."""
+    for path, p in jax.tree_util.tree_flatten_with_path(params)[0]:
+        if not (hasattr(p, "shape") and hasattr(p, "dtype") or isinstance(p, (bool, int, float,
+                                                                             complex))):
+            raise TypeError(f"{caller}: params{jax.tree_util.keystr(path)} must be an array (or a "
+                            f"jax.ShapeDtypeStruct), got {type(p).__name__}")
     def moments(spec, second):
         return jax.tree.map(lambda p: _storage.zeros(p, spec, second=second), params)
 
@@ -145,6 +150,17 @@ def _not_a_state(caller, state):
             f"{caller}: state must be an adamx.AdamState (from this transformation's init), got "
             f"{type(state).__name__}, an optax state: convert it with adamx.from_optax(state)")
     return TypeError(f"{caller}: state must be an adamx.AdamState, got {type(state).__name__}")
+
+
+def _check_arrays(caller, state):
+    """Every leaf an array: an abstract state (``jax.eval_shape`` of ``init``) only plans one."""
+    for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]:
+        if not isinstance(leaf, (jax.Array, np.ndarray, np.generic)):
+            raise TypeError(
+                f"{caller}: state{jax.tree_util.keystr(path)} must be an array, got "
+                f"{type(leaf).__name__}" + (" (an abstract state, as jax.eval_shape returns: build "
+                                             "the state itself with init)"
+                                             if isinstance(leaf, jax.ShapeDtypeStruct) else ""))
 
 
 def _check_count(caller, count):
@@ -183,23 +199,29 @@ def check(caller: str, state: Any, grads: PyTree, *, amsgrad: bool, kahan: bool,
     """
     if not isinstance(state, AdamState):
         raise _not_a_state(caller, state)
+    _check_arrays(caller, state)
     _check_count(caller, state.count)
-    _require(caller, "nu_max (AMSGrad's maximum)", "no nu_max", state.nu_max is not None, amsgrad,
+    g_paths, treedef = jax.tree_util.tree_flatten_with_path(grads)
+    # For a single-leaf params tree, a field of one absent entry (an untrained leaf's nu_max, a
+    # float32 param's compensation) is None itself: present or not, the leaf check decides.
+    single = jax.tree_util.treedef_is_leaf(treedef)
+    _require(caller, "nu_max (AMSGrad's maximum)", "no nu_max",
+             state.nu_max is not None or (single and amsgrad), amsgrad,
              "this transformation runs AMSGrad" if amsgrad else
              "this transformation is not AMSGrad: use adamx.amsgrad (or amsgrad=True), or drop it "
              "with state.replace(nu_max=None)")
-    _require(caller, "a compensation buffer", "no compensation buffer", state.compensation is not None,
-             kahan,
+    _require(caller, "a compensation buffer", "no compensation buffer",
+             state.compensation is not None or (single and kahan), kahan,
              "param_rounding is 'kahan'" if kahan else
              "param_rounding is not 'kahan': build the state and the update with the same "
              "param_rounding")
-    g_paths, treedef = jax.tree_util.tree_flatten_with_path(grads)
     paths = [path for path, _ in g_paths]
     grad_leaves = [g for _, g in g_paths]
+    wanted = {"nu_max": amsgrad, "compensation": kahan}
     fields = {}
     for name in LEAF_FIELDS:
         tree = getattr(state, name)
-        if tree is None and name in ("nu_max", "compensation"):
+        if tree is None and not wanted.get(name, True):
             fields[name] = None
             continue
         entries = leaves_like(caller, f"state.{name}", treedef, grads, tree)

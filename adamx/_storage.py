@@ -39,15 +39,15 @@ def check_spec(caller: str, name: str, spec: Any) -> Spec:
     quantized = _quantize.as_spec(spec)
     if quantized is not None or spec is None:
         return quantized
-    try:
-        dtype = jnp.dtype(spec)
-    except TypeError:
+    try:  # a dtype, its name or its scalar type; not an array (nor a per-leaf tree, unsupported)
+        dtype = jnp.dtype(spec) if isinstance(spec, (str, type, np.dtype)) else None
+    except (TypeError, ValueError):
         dtype = None
     allowed = (jnp.floating,) if name == "nu_dtype" else (jnp.floating, jnp.complexfloating)
     if (dtype is None or not any(jnp.issubdtype(dtype, kind) for kind in allowed)
             or jnp.finfo(dtype).bits < 16 or (name == "nu_dtype" and dtype == jnp.float16)):
         shown = f'"{spec}"' if isinstance(spec, str) else dtype.name if dtype is not None else (
-            repr(spec))
+            short(spec))
         hint = ""
         if dtype == jnp.float16 and name == "nu_dtype":
             hint = (" (a float16 second moment underflows to 0 for gradients below 8e-3, and the "
@@ -155,6 +155,11 @@ def check_leaf(caller: str, where: str, moment: Any, grad: Any, spec: Any = "any
     shape = tuple(np.shape(grad))
     if is_quantized(moment):
         moment.check(caller, where, shape)
+        if moment.signed == second:  # an unsigned first moment would store every negative as 0
+            kind, want = ("second", "unsigned") if second else ("first", "signed")
+            raise ValueError(f"{caller}: {where} is an {type(moment).__name__} of "
+                             f"{'signed' if moment.signed else 'unsigned'} codes, but a {kind} "
+                             f"moment needs {want} ones (are mu and nu swapped?)")
     else:
         dtype = getattr(moment, "dtype", None)
         if dtype is None or not jnp.issubdtype(dtype, jnp.inexact):

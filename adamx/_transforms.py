@@ -35,7 +35,7 @@ def _transformation(caller: str, args: dict, *, scaled: bool = True, **rule: boo
     hyperparams, rule, mask = _options.parse(caller, {**args, **rule}, scaled=scaled)
 
     def init_fn(params):
-        return _state.zeros(params, specs, amsgrad=rule.amsgrad, kahan=rule.kahan)
+        return _state.zeros(caller, params, specs, amsgrad=rule.amsgrad, kahan=rule.kahan)
 
     def update_fn(updates, state, params=None, **extra_args):
         del extra_args

@@ -33,4 +33,11 @@ for options in CASES:
         for g, w in zip(got_step, want_step):
             assert g.dtype == np.float64
             np.testing.assert_allclose(g, w, rtol=1e-10, atol=1e-12, err_msg=str(options))
+
+# A traced int64 seed of 2**32 or more would be taken mod 2**32: check_hyperparams flags it.
+from jax.experimental import checkify  # noqa: E402
+
+checked = jax.jit(checkify.checkify(lambda seed: adamx.check_hyperparams(seed=seed)))
+assert "seed must be in [0, 2**32), got 4294967296" in checked(jnp.int64(2**32))[0].get()
+assert checked(jnp.int64(2**32 - 1))[0].get() is None
 print(f"checked {len(CASES)} option sets")

@@ -337,3 +337,61 @@ def test_inject_hyperparams_of_amsgrad_steps_under_jit_without_params():
 def test_quantize_refuses_random_bits_that_do_not_fit(bits, error, message):
     with pytest.raises(error, match="adamx.quantize: " + message):
         adamx.quantize(jnp.ones(4), random_bits=bits)
+
+
+def _swapped_moments():
+    params = {"w": jnp.ones((64, 128))}
+    state = adamx.init(params, mu_dtype="int8", nu_dtype="int8")
+    return adamx.update, (params, state.replace(mu=state.nu, nu=state.mu)), {"learning_rate": 0.1}
+
+
+def _abstract_state():
+    params = {"w": jnp.ones(3)}
+    return adamx.adam(0.1).update, (params, jax.eval_shape(adamx.adam(0.1).init, params)), {}
+
+
+# Bad input the fuzz pass found reaching raw errors (or none): each names the function and argument.
+@pytest.mark.parametrize("call, error, message", [
+    (_swapped_moments, ValueError, r"adamx.update: state.mu\['w'\] is an Int8Blocks of unsigned "
+                                   r"codes, but a first moment needs signed ones"),
+    (_abstract_state, TypeError, r"adamx.adam: state.count must be an array, got ShapeDtypeStruct "
+                                 r"\(an abstract state"),
+    (lambda: (adamx.check_hyperparams, (), {"count": 1.5}), TypeError,
+     "adamx.check_hyperparams: count must be an integer, got 1.5"),
+    (lambda: (adamx.check_hyperparams, (), {"count": True}), TypeError,
+     "adamx.check_hyperparams: count must be an integer, got True"),
+    (lambda: (adamx.check_hyperparams, (), {"count": 2**40}), ValueError,
+     r"adamx.check_hyperparams: count must be in \[0, 2\*\*31\), got 1099511627776"),
+    (lambda: (adamx.check_hyperparams, (), {"count": jnp.zeros(2, jnp.int32)}), TypeError,
+     "adamx.check_hyperparams: count must be an integer scalar"),
+    (lambda: (adamx.zero1_shardings, (adamx.init({"w": jnp.ones(4)}), "mesh"), {}), TypeError,
+     "adamx.zero1_shardings: mesh must be a jax.sharding.Mesh, got str"),
+    (lambda: (adamx.zero1_shardings, ({"w": 3.0}, jax.make_mesh((1,), ("data",))), {}), TypeError,
+     r"adamx.zero1_shardings: state\['w'\] must be an array or a jax.ShapeDtypeStruct, got float"),
+    (lambda: (adamx.adam, (0.1,), {"mu_dtype": {"w": "int8"}}), ValueError,
+     "adamx.adam: mu_dtype must be one of .*, got dict"),
+    (lambda: (adamx.init, ({"w": jnp.ones(3)},), {"nu_dtype": jnp.zeros(3)}), ValueError,
+     r"adamx.init: nu_dtype must be one of .*, got float32\[3\]"),
+    (lambda: (adamx.init, ({"a": "x"},), {}), TypeError,
+     r"adamx.init: params\['a'\] must be an array \(or a jax.ShapeDtypeStruct\), got str"),
+    (lambda: (adamx.adam(0.1).init, ({"a": object()},), {}), TypeError,
+     r"adamx.adam: params\['a'\] must be an array .*, got object"),
+    (lambda: (adamx.quantize, (None,), {}), TypeError,
+     "adamx.quantize: x must be a real float array, got NoneType"),
+    (lambda: (adamx.quantize, ([[1.0], [1.0, 2.0]],), {}), TypeError,
+     "adamx.quantize: x must be a real float array, got list"),
+    (lambda: (adamx.dequantize, (adamx.quantize(jnp.ones(3)), "int77"), {}), TypeError,
+     "adamx.dequantize: dtype must be a real float dtype, got 'int77'"),
+    (lambda: (adamx.dequantize, (adamx.Int8Blocks(jnp.ones(3), jnp.ones(1)),), {}), ValueError,
+     "adamx.dequantize: q.codes of an Int8Blocks must be int8 or uint8, got float32"),
+    (lambda: (adamx.dequantize, (adamx.Int8Blocks(jnp.ones(300, jnp.int8), jnp.ones((5, 5))),), {}),
+     ValueError, r"adamx.dequantize: q.absmax has shape \(5, 5\)"),
+    (lambda: (adamx.dequantize, (adamx.Int4Rank1(jnp.ones((4, 2), jnp.uint8), jnp.ones(3),
+                                                 jnp.ones(4)),), {}),
+     ValueError, r"adamx.dequantize: q.codes has shape \(4, 2\), but a grads' leaf of shape \(3, 4\) "
+                 r"needs \(3, 2\)"),
+])
+def test_bad_input_names_the_function_and_the_argument(call, error, message):
+    fn, args, kwargs = call()
+    with pytest.raises(error, match=message):
+        fn(*args, **kwargs)
