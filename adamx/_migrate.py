@@ -5,7 +5,8 @@ An optax Adam-family optimizer keeps its moments in one ``ScaleByAdamState`` (or
 a ``ScaleByScheduleState``; the adamx factory of the same name keeps one :class:`AdamState`.
 Both functions convert those nodes wherever they sit in a larger state (an ``optax.chain``,
 ``optax.inject_hyperparams``, ``optax.MultiSteps``, a flax ``TrainState``'s ``opt_state``) and
-leave everything else as it is. Arrays are moved, never rounded: a state converted and
+leave everything else as it is. Arrays are moved, never rounded (but for a float16 second
+moment, which adamx widens to float32 and gives back in float16 exactly): a state converted and
 converted back is bit for bit the one you started from.
 """
 
@@ -16,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from adamx._checks import keystr
 from adamx._formats import is_quantized
 from adamx._state import AdamState
 
@@ -41,8 +43,9 @@ def _is_ours(node: Any) -> bool:
     return isinstance(node, AdamState)
 
 
-def _adam_state(caller, node):
-    """The AdamState of an optax Adam node (a moments node, or an alias's tuple)."""
+def _adam_state(caller, node, like=None):
+    """The AdamState of an optax Adam node (a moments node, or an alias's tuple), fitted to the
+    AdamState ``like`` where given."""
     if not _is_optax_adam(node):
         raise ValueError(f"{caller}: expected an optax Adam-family state where the adamx state has an "
                          f"AdamState, got {type(node).__name__}")
@@ -53,9 +56,53 @@ def _adam_state(caller, node):
                 and not np.array_equal(count, moments.count)):
             raise ValueError(f"{caller}: the learning-rate schedule has counted {int(count)} steps and "
                              f"the moments {int(moments.count)}; adamx keeps one count")
-    nu = jax.tree.map(lambda v: v.astype(jnp.float32) if v.dtype == jnp.float16 else v, moments.nu)
-    return AdamState(count=moments.count, mu=moments.mu, nu=nu,
-                     nu_max=getattr(moments, "nu_max", None))
+    def moment(name, ours, theirs):
+        if ours is None or not jnp.issubdtype(ours.dtype, jnp.inexact):
+            return None  # an integer param's moment: adamx keeps none
+        if theirs is _ANY:
+            return ours.astype(jnp.float32) if name != "mu" and ours.dtype == jnp.float16 else ours
+        if theirs is None:
+            raise ValueError(f"{caller}: optax keeps a {ours.dtype} moment where like has None (a "
+                             "param that is not trained)")
+        return ours.astype(jnp.float32) if name != "mu" and ours.dtype == jnp.float16 else ours
+
+    if like is not None and (like.nu_max is not None) != hasattr(moments, "nu_max"):
+        raise ValueError(f"{caller}: like is {'' if like.nu_max is not None else 'not '}AMSGrad's "
+                         f"state, and the optax state {'has no' if like.nu_max is not None else 'has'}"
+                         " nu_max")
+    fields = {name: _fit(caller, name, getattr(moments, name),
+                         _ANY if like is None else getattr(like, name), moment)
+              for name in ("mu", "nu", "nu_max") if hasattr(moments, name)}
+    return AdamState(count=moments.count, **fields)
+
+
+_ANY = object()  # no tree to fit: any structure and shapes
+
+
+def _fit(caller, name, ours, theirs, leaf):
+    """``leaf(ours, theirs)`` for each pair of leaves of two moment trees, which must have one
+    structure and, leaf by leaf, one shape (None, a param that keeps no moment, fits any leaf)."""
+    if theirs is _ANY:
+        return jax.tree.map(lambda x: leaf(name, x, _ANY), ours)
+    is_entry = lambda x: x is None or is_quantized(x)  # noqa: E731
+    (o_paths, o_def), t_leaves = (jax.tree_util.tree_flatten_with_path(ours, is_leaf=is_entry),
+                                  jax.tree.leaves(theirs, is_leaf=is_entry))
+    if o_def != jax.tree.structure(theirs, is_leaf=is_entry):
+        keys = [{keystr(path) for path, _ in jax.tree_util.tree_flatten_with_path(
+            tree, is_leaf=is_entry)[0]} for tree in (ours, theirs)]
+        found = "; ".join(f"only {side} has {', '.join(sorted(only)[:3])}" for side, only in
+                          (("state", keys[0] - keys[1]), ("like", keys[1] - keys[0])) if only)
+        raise ValueError(f"{caller}: the {name} of state and like are the moments of different "
+                         f"params: {found or 'their trees differ in structure'}")
+    out = []
+    for (path, o), t in zip(o_paths, t_leaves):
+        shapes = [x.leaf_shape if is_quantized(x) else tuple(np.shape(x)) for x in (o, t)
+                  if x is not None]
+        if len(set(shapes)) > 1:
+            raise ValueError(f"{caller}: {name}{keystr(path)} has shape {shapes[0]} in state and "
+                             f"{shapes[1]} in like: they are the moments of different params")
+        out.append(leaf(name, o, t))
+    return o_def.unflatten(out)
 
 
 def from_optax(state: Any, like: Any = None) -> Any:
@@ -105,7 +152,7 @@ def from_optax(state: Any, like: Any = None) -> Any:
     caller = "adamx.from_optax"
     if like is not None:
         def convert(ours, node):
-            return _adam_state(caller, node) if _is_ours(ours) else node
+            return _adam_state(caller, node, ours) if _is_ours(ours) else node
 
         return _mapped(caller, convert, like, state, "like")
     found = []
@@ -171,9 +218,14 @@ def to_optax(state: Any, like: Any) -> Any:
             raise ValueError(f"{caller}: like is {'' if ours.nu_max is None else 'not '}AMSGrad's "
                              f"state, and state {'has' if ours.nu_max is not None else 'has no'} "
                              "nu_max")
-        fields = {"count": ours.count, "mu": ours.mu, "nu": ours.nu}
-        if ours.nu_max is not None:
-            fields["nu_max"] = ours.nu_max
+        def moment(name, x, theirs):
+            if x is None:  # a param adamx does not train: optax's zero moment, as its init makes
+                return jnp.zeros(np.shape(theirs), theirs.dtype)
+            return x.astype(theirs.dtype)  # a float16 moment from_optax widened goes back exactly
+
+        fields = {name: _fit(caller, name, getattr(ours, name), getattr(moments, name), moment)
+                  for name in ("mu", "nu", "nu_max") if hasattr(moments, name)}
+        fields["count"] = ours.count
         if isinstance(node, _MOMENTS):
             return moments._replace(**fields)
         rest = [x._replace(count=ours.count) if isinstance(x, optax.ScaleByScheduleState) else x

@@ -152,3 +152,32 @@ def test_a_float16_second_moment_is_widened_exactly():
     assert state.nu["w"].dtype == jnp.float32
     np.testing.assert_array_equal(state.nu["w"], optax_state[0].nu["w"].astype(jnp.float32))
     adamx.adam(0.05).update(params, state, params)  # adamx takes it
+    back = adamx.to_optax(state, peer.init(params))  # and gives it back in float16, exactly
+    assert_trees_equal(back, optax_state)
+
+
+def test_the_moments_of_other_params_are_refused_both_ways():
+    params = {"w": jnp.ones((4, 5)), "b": jnp.ones(3)}
+    other = {"z": jnp.ones(2)}
+    with pytest.raises(ValueError, match=r"adamx.to_optax: the mu of state and like are the "
+                                         r"moments of different params: only state has \['z'\]; "
+                                         r"only like has \['b'\], \['w'\]"):
+        adamx.to_optax(adamx.adam(0.1).init(other), optax.adam(0.1).init(params))
+    reshaped = {"w": jnp.ones((5, 4)), "b": jnp.ones(3)}
+    with pytest.raises(ValueError, match=r"adamx.from_optax: mu\['w'\] has shape \(4, 5\) in "
+                                         r"state and \(5, 4\) in like"):
+        adamx.from_optax(optax.adam(0.1).init(params), adamx.adam(0.1).init(reshaped))
+    with pytest.raises(ValueError, match="adamx.from_optax: like is AMSGrad's state, and the "
+                                         "optax state has no nu_max"):
+        adamx.from_optax(optax.adam(0.1).init(params), adamx.amsgrad(0.1).init(params))
+
+
+def test_an_integer_param_keeps_no_moment_in_adamx_and_optax_zeros_going_back():
+    # optax's init gives an integer param integer zero moments; adamx keeps None for it.
+    params = {"w": jnp.ones(3), "i": jnp.arange(3)}
+    peer = optax.adam(0.1)
+    state = adamx.from_optax(peer.init(params))
+    assert state.mu["i"] is None and state.nu["i"] is None
+    updates, _ = adamx.adam(0.1).update({"w": jnp.ones(3), "i": jnp.zeros(3, jnp.int32)}, state)
+    np.testing.assert_array_equal(updates["i"], 0)
+    assert_trees_equal(adamx.to_optax(state, peer.init(params)), peer.init(params))
