@@ -65,9 +65,6 @@ def _why_not(rule: Rule, prepared: Prepared) -> Any:
                     isinstance(moment, jax.Array) and moment.dtype in (jnp.float32, jnp.bfloat16))):
                 return (f"state.{name}{where} is {_storage.described(moment)}: the kernel stores moments as "
                         "float32, bfloat16, int8 or int4")
-            if isinstance(moment, _formats.Int8Blocks) and moment.signed != (name == "mu"):
-                return (f"state.{name}{where} has {moment.codes.dtype} codes: the kernel stores a "
-                        "first moment in int8 codes and a second in uint8")
         arrays += [p, g, *jax.tree.leaves((leaf.mu, leaf.nu, leaf.compensation))]
     placements = {_placement(x) for x in arrays}
     if any(count > 1 for count, _ in placements):

@@ -329,8 +329,8 @@ def test_fused_apply_refuses_a_first_moment_in_unsigned_codes():
     params = {"w": jnp.ones((64, 64))}
     state = adamx.init(params, mu_dtype="int8")
     state = state.replace(mu={"w": state.mu["w"]._replace(codes=state.mu["w"].codes.astype(jnp.uint8))})
-    with pytest.raises(RuntimeError, match=r"state.mu\['w'\] has uint8 codes: the kernel stores a "
-                                           "first moment in int8 codes"):
+    with pytest.raises(ValueError, match=r"adamx.apply: state.mu\['w'\] is an Int8Blocks of "
+                                         "unsigned codes, but a first moment needs signed ones"):
         adamx.apply(params, state, params, learning_rate=1e-2, fused=True)
 
 

@@ -43,7 +43,7 @@ def test_unsigned_8bit_codes_decode_to_the_log_table():
 def test_signed_4bit_codes_decode_to_squares():
     codes, want = oracle.signed_values(oracle.SQUARE4)  # 15 codes; pad to 16 with a zero
     codes, want = np.append(codes, 0), np.append(want, 0.0)
-    q = Int4Blocks(jnp.asarray(pack_nibbles(codes).view(np.int8)), jnp.ones(1))
+    q = Int4Blocks(jnp.asarray(pack_nibbles(codes).view(np.int8)), jnp.ones(1, jnp.bfloat16))
     np.testing.assert_array_equal(adamx.dequantize(q), want.astype(np.float32))
 
 
