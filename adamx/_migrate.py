@@ -59,8 +59,6 @@ def _adam_state(caller, node, like=None):
     def moment(name, ours, theirs):
         if ours is None or not jnp.issubdtype(ours.dtype, jnp.inexact):
             return None  # an integer param's moment: adamx keeps none
-        if theirs is _ANY:
-            return ours.astype(jnp.float32) if name != "mu" and ours.dtype == jnp.float16 else ours
         if theirs is None:
             raise ValueError(f"{caller}: optax keeps a {ours.dtype} moment where like has None (a "
                              "param that is not trained)")

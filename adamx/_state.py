@@ -116,8 +116,8 @@ class Specs(NamedTuple):
 def zeros(caller: str, params: PyTree, specs: Specs, *, amsgrad: bool, kahan: bool) -> AdamState:
     """:func:`init` for specs already checked."""
     for path, p in jax.tree_util.tree_flatten_with_path(params)[0]:
-        if not (hasattr(p, "shape") and hasattr(p, "dtype") or isinstance(p, (bool, int, float,
-                                                                             complex))):
+        if not ((hasattr(p, "shape") and hasattr(p, "dtype"))
+                or isinstance(p, (bool, int, float, complex))):
             raise TypeError(f"{caller}: params{jax.tree_util.keystr(path)} must be an array (or a "
                             f"jax.ShapeDtypeStruct), got {type(p).__name__}")
     def moments(spec, second):
