@@ -119,6 +119,11 @@ def first_difference(grads: Any, tree: Any, where: str, path: tuple = ()):
     g_items, t_items = _children(grads), _children(tree)
     g_keys = [keystr(path + k) for k, _ in g_items]
     t_keys = [keystr(path + k) for k, _ in t_items]
+    missing = [k for k in t_keys if k not in g_keys]
+    extra = [k for k in g_keys if k not in t_keys]
+    if len(g_keys) != len(t_keys) and (missing or extra):  # keys left out or added, by name
+        return "; ".join([f"only the grads have {', '.join(extra)}"] * bool(extra)
+                         + [f"only {where} has {', '.join(missing)}"] * bool(missing))
     for g_key, t_key in zip(g_keys, t_keys):
         if g_key != t_key:
             return f"grads have {g_key} where {where} has {t_key}"

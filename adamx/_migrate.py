@@ -57,6 +57,9 @@ def _adam_state(caller, node, like=None):
             raise ValueError(f"{caller}: the learning-rate schedule has counted {int(count)} steps and "
                              f"the moments {int(moments.count)}; adamx keeps one count")
     def moment(name, ours, theirs):
+        if ours is not None and not hasattr(ours, "dtype"):
+            raise TypeError(f"{caller}: the optax state's {name} must hold arrays, got "
+                            f"{type(ours).__name__}")
         if ours is None or not jnp.issubdtype(ours.dtype, jnp.inexact):
             return None  # an integer param's moment: adamx keeps none
         if theirs is None:

@@ -207,12 +207,14 @@ def check(caller: str, state: Any, grads: PyTree, *, amsgrad: bool, kahan: bool,
     single = jax.tree_util.treedef_is_leaf(treedef)
     _require(caller, "nu_max (AMSGrad's maximum)", "no nu_max",
              state.nu_max is not None or (single and amsgrad), amsgrad,
-             "this transformation runs AMSGrad" if amsgrad else
+             "this transformation runs AMSGrad: build the state with its init (or "
+             "adamx.init(..., amsgrad=True))" if amsgrad else
              "this transformation is not AMSGrad: use adamx.amsgrad (or amsgrad=True), or drop it "
              "with state.replace(nu_max=None)")
     _require(caller, "a compensation buffer", "no compensation buffer",
              state.compensation is not None or (single and kahan), kahan,
-             "param_rounding is 'kahan'" if kahan else
+             "param_rounding is 'kahan': build the state with this transformation's init (or "
+             "adamx.init(..., param_rounding='kahan'))" if kahan else
              "param_rounding is not 'kahan': build the state and the update with the same "
              "param_rounding")
     paths = [path for path, _ in g_paths]

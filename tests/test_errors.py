@@ -91,6 +91,8 @@ def test_grads_with_another_structure_name_the_first_differing_key():
         adamx.update({"a": jnp.ones(2), "b": {"d": jnp.ones(3)}}, state, learning_rate=0.1)
     with pytest.raises(ValueError, match=r"only state.mu has \['b'\]"):
         adamx.update({"a": jnp.ones(2)}, state, learning_rate=0.1)
+    with pytest.raises(ValueError, match=r"differ in tree structure: only state.mu has \['a'\]$"):
+        adamx.update({"b": {"c": jnp.ones(3)}}, state, learning_rate=0.1)  # not "grads have ['b']"
 
 
 def test_grads_with_another_shape_name_the_key_and_both_shapes():
