@@ -15,7 +15,7 @@ import numpy as np
 from adamx import _quantize
 from adamx._checks import short
 from adamx._formats import is_quantized
-from adamx._numerics import complex_dtype, compute_dtype
+from adamx._numerics import complex_dtype, compute_dtype, stochastic_round
 
 Spec = Any  # None (the params' dtypes), a float or complex dtype, or an Int8Spec/Int4Spec
 
@@ -82,6 +82,7 @@ def zeros(param: Any, spec: Spec, *, second: bool) -> Any:
         return None
     param_dtype = jnp.result_type(param)
     if isinstance(spec, _quantize.Spec.__args__):
+        _check_static(np.shape(param))
         if not second and jnp.issubdtype(param_dtype, jnp.complexfloating):
             bits = 8 if isinstance(spec, _quantize.Int8Spec) else 4
             raise TypeError(
@@ -102,6 +103,15 @@ def zeros(param: Any, spec: Spec, *, second: bool) -> Any:
     return jnp.zeros_like(param, dtype=dtype)
 
 
+def _check_static(shape: tuple) -> None:
+    """Quantized moments cut a leaf into blocks by its size: a symbolic dimension (jax.export's
+    shape polymorphism) leaves that undecided."""
+    if not all(isinstance(d, (int, np.integer)) for d in shape):
+        raise TypeError(f"adamx: 8- and 4-bit moments need leaves of static shape, got {shape} (a "
+                        "symbolic dimension): keep mu_dtype and nu_dtype float dtypes to export "
+                        "shape-polymorphically")
+
+
 def load(moment: Any, dtype: Any) -> jax.Array:
     """Decodes a stored moment into ``dtype`` (a real ``dtype`` takes a complex moment's real part)."""
     if is_quantized(moment):
@@ -111,14 +121,23 @@ def load(moment: Any, dtype: Any) -> jax.Array:
     return moment.astype(dtype)
 
 
-def store(value: jax.Array, moment: Any, noise: Optional[jax.Array]) -> Any:
+def rounds_stochastically(moment: Any, second: bool) -> bool:
+    """Whether a stored moment rounds stochastically: a quantized one, and a bfloat16 second
+    moment, whose decay at ``b2 = 0.999`` is below half its ulp (rounded to nearest, it would
+    stop decaying at about a third of ``g**2``)."""
+    return is_quantized(moment) or (second and getattr(moment, "dtype", None) == jnp.bfloat16)
+
+
+def store(value: jax.Array, moment: Any, noise: Optional[jax.Array], *, second: bool) -> Any:
     """``value`` (the compute dtype, the leaf's shape) in the storage format of ``moment``.
 
-    ``noise``: 16 random bits per element (uint32 below 2**16) with which a quantized moment
-    rounds stochastically; float moments round to nearest and ignore it.
+    ``noise``: 16 random bits per element (uint32 below 2**16) with which a moment that
+    :func:`rounds_stochastically` rounds; other float moments round to nearest.
     """
     if is_quantized(moment):
         return moment.encode(value.astype(jnp.float32), noise)
+    if rounds_stochastically(moment, second):
+        return stochastic_round(value, noise << np.uint32(16), jnp.bfloat16)
     return value.astype(moment.dtype)
 
 

@@ -120,16 +120,18 @@ def _leaf_step(g, stored: LeafState, p, decay: bool, s: Scalars, rule: Rule, key
         g_c = -g_c
     m, v = moments(g_c, _storage.load(mu, g_c.dtype), _storage.load(nu, real), s, rule)
     noise_m = noise_v = None
-    if any(_storage.is_quantized(x) for x in (mu, nu, nu_max)):
-        # one draw per element: a signed code rounds on its low 16 bits, an unsigned on its high
+    if any(_storage.rounds_stochastically(x, second) for x, second in
+           ((mu, False), (nu, True), (nu_max, True))):
+        # one draw per element: a first moment rounds on its low 16 bits, a second on its high
         bits = _numerics.random_bits(g.shape, key.moments, jax.typeof(g).sharding)
         noise_m, noise_v = bits & np.uint32(0xFFFF), bits >> np.uint32(16)
-    new = LeafState(_storage.store(m, mu, noise_m), _storage.store(v, nu, noise_v), None, c)
+    new = LeafState(_storage.store(m, mu, noise_m, second=False),
+                    _storage.store(v, nu, noise_v, second=True), None, c)
     m, v = _storage.as_stored(m, new.mu), _storage.as_stored(v, new.nu)
     if nu_max is not None:
         v = jnp.maximum(_storage.load(nu_max, real),
                         v / s.bias_correction2 if rule.max_bias_corrected else v)
-        new = new._replace(nu_max=_storage.store(v, nu_max, noise_v))
+        new = new._replace(nu_max=_storage.store(v, nu_max, noise_v, second=True))
         v = _storage.as_stored(v, new.nu_max)
     u = direction(g_c, m, v, s, rule)
     if decay:

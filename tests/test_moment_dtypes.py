@@ -168,3 +168,24 @@ def test_a_state_stored_otherwise_than_the_transformation_stores_it_is_refused()
     # the transformation's own state, and the functional update with any state, pass
     tx.update(params, tx.init(params))
     adamx.update(params, quantized.init(params), learning_rate=1e-3)
+
+
+@pytest.mark.parametrize("adamax", [False, True])
+def test_a_bfloat16_second_moment_decays_as_the_closed_form_says(adamax):
+    # At b2 = 0.999 a step changes v by less than half a bfloat16 ulp once v is about g**2 / 3:
+    # rounded to nearest, v would stop there (and AdaMax's max(b2 u, |g|) would never decay).
+    # Stochastically rounded, v is unbiased: under g = 1 its mean over 8,192 elements follows
+    # 1 - b2**t, and AdaMax's u after g drops from 1 to 0 follows b2**t.
+    n, steps, b2 = 8192, 1500, 0.999
+    params = jnp.zeros(n)
+    state = adamx.init(params, nu_dtype=jnp.bfloat16)
+    grads = jnp.concatenate([jnp.ones((1 if adamax else steps, n)),
+                             jnp.zeros((steps if adamax else 0, n))])
+
+    def step(state, g):
+        _, state = adamx.update(g, state, learning_rate=0.1, b2=b2, adamax=adamax)
+        return state, None
+
+    state, _ = jax.lax.scan(step, state, grads)
+    want = b2**steps if adamax else 1 - b2**steps  # 0.223 and 0.777
+    assert abs(float(jnp.mean(state.nu.astype(jnp.float32))) - want) < 0.01 * want

@@ -231,8 +231,9 @@ def _abi_h_float32(s, p, g, m, v, c, *, maximize, eps_hat, nesterov, decay, roun
     g = -g if maximize else g
     m = s["omb1"] * g + s["b1"] * m
     v = s["omb2"] * (g * g) + s["b2"] * v
-    if stored == "bfloat16":  # stored, and used as stored
-        m, v = _bf16(m), _bf16(v)
+    if stored == "bfloat16":  # stored (v stochastically, on the moments' bits), used as stored
+        bits = oracle.random_bits(v.shape, SEED, COUNT, STREAM ^ oracle.MOMENTS)
+        m, v = _bf16(m), _stochastic_bf16(v, bits)
     m_hat = s["nesterov_m"] * m + s["nesterov_g"] * g if nesterov else m * s["inv_bc1"]
     if eps_hat:
         d = m_hat * (s["step_scale"] / (np.sqrt(v + s["eps_root"]) + s["eps"]))

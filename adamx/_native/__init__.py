@@ -30,7 +30,7 @@ from adamx import _formats
 __all__ = ["ABI_VERSION", "GROUP", "MIN_JAXLIB", "Leaf", "status", "step"]
 
 # The version of abi.h this file speaks; the compiled module's ABI_VERSION must be the same.
-ABI_VERSION = 2
+ABI_VERSION = 3
 # The oldest jaxlib the kernel runs on. It is built against this release's XLA FFI headers (API
 # 0.1; XLA refuses handlers built against a newer API than its own), and XLA:CPU of 0.5.3 to
 # 0.7.1 aborts the process when it compiles a step (it parses the FFI attributes as JSON).

@@ -18,11 +18,12 @@
 //   m, v = the stored moments, decoded (as adamx/_formats.py decodes them)
 //   m' = omb1 * g + b1 * m
 //   v' = omb2 * (g * g) + b2 * v
-//   store m', v' (a quantized moment rounds stochastically on 16 random bits of ONE uint32 draw per
-//     element, mix32(index * 0x9E3779B9 + moments key): the first moment its low 16 bits, the
-//     second its high 16; a block's scale comes from the largest of its new values, an Int4Rank1
-//     moment's from the largest of each row and column of the whole leaf). The step goes on with
-//     m' and v' unrounded where they are quantized, and as stored where they are bfloat16.
+//   store m', v' (a quantized moment, and a bfloat16 v', rounds stochastically on 16 random bits
+//     of ONE uint32 draw per element, mix32(index * 0x9E3779B9 + moments key): the first moment
+//     its low 16 bits, the second its high 16; a bfloat16 m' rounds to nearest; a block's scale
+//     comes from the largest of its new values, an Int4Rank1 moment's from the largest of each row
+//     and column of the whole leaf). The step goes on with m' and v' unrounded where they are
+//     quantized, and as stored where they are bfloat16.
 //   m_hat = nesterov ? nesterov_m * m' + nesterov_g * g : m' * inv_bc1
 //   d = eps_hat ? m_hat * (step_scale / (sqrt(v' + eps_root) + eps))
 //               : m_hat / (sqrt(v' * inv_bc2 + eps_root) + eps)
@@ -43,7 +44,7 @@
 #ifndef ADAMX_NATIVE_ABI_H_
 #define ADAMX_NATIVE_ABI_H_
 
-#define ADAMX_ABI_VERSION 2
+#define ADAMX_ABI_VERSION 3
 
 #define ADAMX_STEP_TARGET "adamx_adam_step"
 

@@ -306,9 +306,11 @@ ADAMX_INLINE void NewSecond(const Leaf& l, int64_t a, int64_t n, const Scalars& 
     case format::bfloat16: {
       const uint16_t* __restrict in = static_cast<const uint16_t*>(mo.in[0]) + a;
       uint16_t* __restrict out = static_cast<uint16_t*>(mo.out[0]) + a;
+      const uint32_t key = l.key_moments;  // stochastic: to nearest, its decay would stall
       ADAMX_VECTOR_LOOP
       for (int64_t i = 0; i < n; ++i) {
-        const uint16_t h = ToBf16(SecondMoment(k, g[i], FromBf16(in[i])));
+        const uint16_t h = StochasticBf16(SecondMoment(k, g[i], FromBf16(in[i])),
+                                          RandomBits(a + i, key));
         out[i] = h;
         v[i] = FromBf16(h);
       }
