@@ -35,7 +35,8 @@ def short(x: Any) -> str:
 def _real_scalar(caller, name, value, kinds, words):
     """Checks a tracer's or an array's shape and dtype; returns whether ``value`` is traced."""
     dtype = getattr(value, "dtype", None)
-    if dtype is None or getattr(value, "shape", None) != () or not any(
+    if isinstance(value, jax.ShapeDtypeStruct) or dtype is None or getattr(
+            value, "shape", None) != () or not any(
             jnp.issubdtype(dtype, kind) for kind in kinds):
         got = f"a traced {short(value)}" if is_traced(value) else repr(value)
         raise TypeError(f"{caller}: {name} must be {words}, got {got}")
@@ -51,7 +52,10 @@ def concrete_float(caller: str, name: str, value: Any):
     if value is None or isinstance(value, (bool, np.bool_, str, bytes)):
         raise TypeError(f"{caller}: {name} must be a real number, got {value!r}")
     if isinstance(value, numbers.Real):
-        return float(value)
+        try:
+            return float(value)
+        except OverflowError:  # an integer beyond float64: out of every range
+            return float(np.sign(value)) * np.inf
     if _real_scalar(caller, name, value, (jnp.floating, jnp.integer), "a real scalar"):
         return None
     return float(np.asarray(value, np.float64))
@@ -160,7 +164,15 @@ def params_like(caller: str, grads_def: Any, grads: Any, params: Any, paths: lis
     decay and param rounding would otherwise broadcast a param against its update)."""
     leaves = leaves_like(caller, "params", grads_def, grads, params)
     for path, g, p in zip(paths, grads_def.flatten_up_to(grads), leaves):
-        if p is not None and np.shape(p) != np.shape(g):
+        if p is None:
+            raise ValueError(f"{caller}: params{jax.tree_util.keystr(path)} is None where the grads "
+                             f"have {short(g)}")
+        if np.shape(p) != np.shape(g):
             raise ValueError(f"{caller}: params{jax.tree_util.keystr(path)} has shape "
                              f"{tuple(np.shape(p))} where the grads have {tuple(np.shape(g))}")
-    return leaves
+    return [as_array(p) for p in leaves]
+
+
+def as_array(x: Any) -> Any:
+    """A Python number leaf (which optax and ``init`` accept) as the array JAX makes of it."""
+    return jnp.asarray(x) if isinstance(x, (bool, int, float, complex)) else x

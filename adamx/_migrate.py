@@ -65,7 +65,11 @@ def _adam_state(caller, node, like=None):
         if theirs is None:
             raise ValueError(f"{caller}: optax keeps a {ours.dtype} moment where like has None (a "
                              "param that is not trained)")
-        return ours.astype(jnp.float32) if name != "mu" and ours.dtype == jnp.float16 else ours
+        if name == "mu":
+            return ours
+        if jnp.iscomplexobj(ours):  # a complex param's: optax's imaginary part is 0, adamx's real
+            ours = ours.real
+        return ours.astype(jnp.float32) if ours.dtype == jnp.float16 else ours
 
     if like is not None and (like.nu_max is not None) != hasattr(moments, "nu_max"):
         raise ValueError(f"{caller}: like is {'' if like.nu_max is not None else 'not '}AMSGrad's "

@@ -9,7 +9,7 @@ import numpy as np
 import optax
 
 from adamx import _numerics, _storage
-from adamx._checks import check_bool, check_choice, is_traced, leaves_like, short
+from adamx._checks import as_array, check_bool, check_choice, is_traced, leaves_like, short
 from adamx._options import ROUNDINGS
 
 PyTree = Any
@@ -218,7 +218,7 @@ def check(caller: str, state: Any, grads: PyTree, *, amsgrad: bool, kahan: bool,
              "param_rounding is not 'kahan': build the state and the update with the same "
              "param_rounding")
     paths = [path for path, _ in g_paths]
-    grad_leaves = [g for _, g in g_paths]
+    grad_leaves = [as_array(g) for _, g in g_paths]
     wanted = {"nu_max": amsgrad, "compensation": kahan}
     fields = {}
     for name in LEAF_FIELDS:

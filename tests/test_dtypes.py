@@ -157,3 +157,14 @@ def test_complex_mu_dtype_is_honoured_and_steps_like_optax():
     assert updates["w"].dtype == jnp.float32 and updates["z"].dtype == jnp.complex64
     for a, b in zip(jax.tree.leaves(updates), jax.tree.leaves(want)):
         np.testing.assert_allclose(a, b, rtol=2e-5)
+
+
+def test_a_python_number_param_steps_as_optax_steps_it():
+    # init and optax accept a Python float leaf; the update treats it as the array JAX makes of it.
+    params = {"w": jnp.ones(3), "scale": 1.5}
+    grads = jax.grad(lambda p: jnp.sum(p["w"] * p["scale"] ** 2))(params)
+    for mine, theirs in ((adamx.adam(0.1), optax.adam(0.1)),
+                         (adamx.adamw(0.1, weight_decay=0.1), optax.adamw(0.1, weight_decay=0.1))):
+        got, _ = mine.update(grads, mine.init(params), params)
+        want, _ = theirs.update(grads, theirs.init(params), params)
+        np.testing.assert_allclose(got["scale"], want["scale"], rtol=1e-5)  # optax: float32 1 - b2

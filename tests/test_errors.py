@@ -392,6 +392,22 @@ def _abstract_state():
                                                  jnp.ones(4)),), {}),
      ValueError, r"adamx.dequantize: q.codes has shape \(4, 2\), but a grads' leaf of shape \(3, 4\) "
                  r"needs \(3, 2\)"),
+    (lambda: (adamx.adam, (10**400,), {}), ValueError,
+     "adamx.adam: learning_rate must be finite and >= 0, got 1000"),
+    (lambda: (adamx.adam, (0.1,), {"seed": 10**400}), ValueError,
+     r"adamx.adam: seed must be in \[0, 2\*\*32\), got 1000"),
+    (lambda: (adamx.update, (jnp.ones(2), adamx.init(jnp.ones(2))),
+              {"learning_rate": 0.1, "b2": jax.ShapeDtypeStruct((), jnp.float32)}), TypeError,
+     r"adamx.update: b2 must be a real scalar, got ShapeDtypeStruct"),
+    (lambda: (adamx.adamw(0.1).update, ({"w": jnp.ones(2), "b": jnp.ones(2)},
+                                        adamx.init({"w": jnp.ones(2), "b": jnp.ones(2)}),
+                                        {"w": jnp.ones(2), "b": None}), {}), ValueError,
+     r"adamx.adamw: params\['b'\] is None where the grads have float32\[2\]"),
+    (lambda: (jax.eval_shape, (adamx.adam(0.1, mu_dtype="int8").init,
+                               jax.ShapeDtypeStruct(jax.export.symbolic_shape("b, 3"), jnp.float32)),
+              {}), TypeError, r"adamx: 8- and 4-bit moments need leaves of static shape, got \(b, 3\)"),
+    (lambda: (adamx.from_optax, (optax.ScaleByAdamState(jnp.int32(1), [1.0], [1.0]),), {}),
+     TypeError, "adamx.from_optax: the optax state's mu must hold arrays, got float"),
 ])
 def test_bad_input_names_the_function_and_the_argument(call, error, message):
     fn, args, kwargs = call()

@@ -181,3 +181,18 @@ def test_an_integer_param_keeps_no_moment_in_adamx_and_optax_zeros_going_back():
     updates, _ = adamx.adam(0.1).update({"w": jnp.ones(3), "i": jnp.zeros(3, jnp.int32)}, state)
     np.testing.assert_array_equal(updates["i"], 0)
     assert_trees_equal(adamx.to_optax(state, peer.init(params)), peer.init(params))
+
+
+def test_a_complex_param_moves_from_optax_and_continues_as_optax():
+    # optax keeps a complex param's second moment complex (imaginary part 0); adamx keeps it real.
+    params = {"c": jnp.array([1 + 2j, -0.5j], jnp.complex64)}
+    grads = grad_sequence(params, 4)
+    peer = optax.adam(0.05)
+    _, _, optax_state = run(optax_step(peer), params, peer.init(params), grads[:2])
+    state = adamx.from_optax(optax_state)
+    assert state.nu["c"].dtype == jnp.float32
+    np.testing.assert_array_equal(state.nu["c"], optax_state[0].nu["c"].real)
+    mine, _ = adamx.adam(0.05).update(grads[2], state, params)
+    theirs, _ = peer.update(grads[2], optax_state, params)
+    np.testing.assert_allclose(mine["c"], theirs["c"], rtol=1e-5)
+    assert_trees_equal(adamx.to_optax(state, peer.init(params)), optax_state)
