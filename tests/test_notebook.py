@@ -134,7 +134,8 @@ def shared(directory):
 
 @pytest.mark.parametrize("layout", ["shared_parent", "shared_parent_of_notebooks", "ancestor",
                                     "another_project", "working_directory",
-                                    "writable_notebooks", "writable_pycache"])
+                                    "writable_notebooks", "writable_pycache", "writable_module",
+                                    "symlinked_subpackage"])
 def test_install_cell_never_imports_a_package_planted_outside_its_checkout(tmp_path, layout):
     marker = tmp_path / "planted-adamx-was-imported"
     if layout == "working_directory":  # /tmp/adamx planted, the notebook run from /tmp itself
@@ -147,6 +148,14 @@ def test_install_cell_never_imports_a_package_planted_outside_its_checkout(tmp_p
     elif layout == "writable_pycache":  # anyone could plant bytecode in adamx/__pycache__
         plant_adamx(tmp_path / "checkout", marker)
         shared(tmp_path / "checkout" / "adamx" / "__pycache__")
+        cwd = tmp_path / "checkout" / "notebooks"
+    elif layout == "writable_module":  # anyone could rewrite adamx/__init__.py
+        plant_adamx(tmp_path / "checkout", marker)
+        (tmp_path / "checkout" / "adamx" / "__init__.py").chmod(0o666)
+        cwd = tmp_path / "checkout" / "notebooks"
+    elif layout == "symlinked_subpackage":  # a subpackage that is a link into a shared directory
+        plant_adamx(tmp_path / "checkout", marker)
+        (tmp_path / "checkout" / "adamx" / "sub").symlink_to(shared(tmp_path / "tmp"))
         cwd = tmp_path / "checkout" / "notebooks"
     elif layout == "shared_parent":  # /tmp/adamx planted, the notebook run from /tmp/x
         plant_adamx(shared(tmp_path / "tmp"), marker)
