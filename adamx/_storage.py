@@ -141,14 +141,16 @@ def store(value: jax.Array, moment: Any, noise: Optional[jax.Array], *, second: 
     return value.astype(moment.dtype)
 
 
-def as_stored(value: jax.Array, moment: Any) -> jax.Array:
-    """The value of a moment the step uses: as the state holds it, where that is a narrower float.
+def as_stored(value: jax.Array, moment: Any, *, second: bool = False) -> jax.Array:
+    """The value of a moment the step uses: as the state holds it, where that is a narrower float
+    rounded to nearest.
 
     Reading a bfloat16 or float16 moment back from the state after storing it lets XLA update it
     in place and read it once more; the unrounded value would be recomputed from a copy of the
-    old moment. A quantized moment is used unrounded: decoding it again costs more than it saves.
+    old moment. A moment that :func:`rounds_stochastically` is used unrounded: decoding it again,
+    or using the stochastically rounded value in two outputs, costs more than the copy.
     """
-    if is_quantized(moment):
+    if rounds_stochastically(moment, second):
         return value
     if jnp.iscomplexobj(moment) and not jnp.iscomplexobj(value):
         moment = moment.real  # a complex mu_dtype for a real param

@@ -127,12 +127,12 @@ def _leaf_step(g, stored: LeafState, p, decay: bool, s: Scalars, rule: Rule, key
         noise_m, noise_v = bits & np.uint32(0xFFFF), bits >> np.uint32(16)
     new = LeafState(_storage.store(m, mu, noise_m, second=False),
                     _storage.store(v, nu, noise_v, second=True), None, c)
-    m, v = _storage.as_stored(m, new.mu), _storage.as_stored(v, new.nu)
+    m, v = _storage.as_stored(m, new.mu), _storage.as_stored(v, new.nu, second=True)
     if nu_max is not None:
         v = jnp.maximum(_storage.load(nu_max, real),
                         v / s.bias_correction2 if rule.max_bias_corrected else v)
         new = new._replace(nu_max=_storage.store(v, nu_max, noise_v, second=True))
-        v = _storage.as_stored(v, new.nu_max)
+        v = _storage.as_stored(v, new.nu_max, second=True)
     u = direction(g_c, m, v, s, rule)
     if decay:
         u = u + _as(s.weight_decay, u) * p.astype(u.dtype)

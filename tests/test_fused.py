@@ -15,7 +15,7 @@ contracts some multiply-adds into FMAs, which the kernel rounds twice):
   float32 ulps of their leaf's (for the compensation, its param's) largest magnitude;
 - quantized codes: a float32 ulp can carry a value across a stochastic-rounding threshold, so
   codes are equal except at most ``CODE_FLIPS`` of them, which differ by one code;
-- where a moment is stored in bfloat16 the step uses it as stored, and a float32 ulp (more, in
+- where the first moment is stored in bfloat16 the step uses it as stored, and a float32 ulp (more, in
   relative terms, where ``b1 m`` and ``(1 - b1) g`` cancel) can round it to the neighbouring
   bfloat16: then that element's update moves by a bfloat16 ulp of itself. So in those modes the
   params and Kahan's compensation keep the bounds above except at most ``BF16_FLIPS`` of their

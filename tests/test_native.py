@@ -231,9 +231,10 @@ def _abi_h_float32(s, p, g, m, v, c, *, maximize, eps_hat, nesterov, decay, roun
     g = -g if maximize else g
     m = s["omb1"] * g + s["b1"] * m
     v = s["omb2"] * (g * g) + s["b2"] * v
-    if stored == "bfloat16":  # stored (v stochastically, on the moments' bits), used as stored
+    v_stored = v
+    if stored == "bfloat16":  # m to nearest, used as stored; v stochastically, used unrounded
         bits = oracle.random_bits(v.shape, SEED, COUNT, STREAM ^ oracle.MOMENTS)
-        m, v = _bf16(m), _stochastic_bf16(v, bits)
+        m, v_stored = _bf16(m), _stochastic_bf16(v, bits)
     m_hat = s["nesterov_m"] * m + s["nesterov_g"] * g if nesterov else m * s["inv_bc1"]
     if eps_hat:
         d = m_hat * (s["step_scale"] / (np.sqrt(v + s["eps_root"]) + s["eps"]))
@@ -243,7 +244,7 @@ def _abi_h_float32(s, p, g, m, v, c, *, maximize, eps_hat, nesterov, decay, roun
         d = d + s["weight_decay"] * p
     u = s["scale"] * d
     if rounding is None:
-        return p + u, m, v, c
+        return p + u, m, v_stored, c
     if rounding == "nearest":
         step = _bf16(u)
     elif rounding == "stochastic":
@@ -253,7 +254,7 @@ def _abi_h_float32(s, p, g, m, v, c, *, maximize, eps_hat, nesterov, decay, roun
         exact = p + (u + c)
         step = _bf16(_bf16(exact) - p)
     landed = _bf16(p + step)
-    return landed, m, v, (_bf16(exact - landed) if rounding == "kahan" else c)
+    return landed, m, v_stored, (_bf16(exact - landed) if rounding == "kahan" else c)
 
 
 def _float_data(n, seed=0):

@@ -23,7 +23,7 @@
 //     its low 16 bits, the second its high 16; a bfloat16 m' rounds to nearest; a block's scale
 //     comes from the largest of its new values, an Int4Rank1 moment's from the largest of each row
 //     and column of the whole leaf). The step goes on with m' and v' unrounded where they are
-//     quantized, and as stored where they are bfloat16.
+//     quantized and with a bfloat16 v' unrounded, and with a bfloat16 m' as stored.
 //   m_hat = nesterov ? nesterov_m * m' + nesterov_g * g : m' * inv_bc1
 //   d = eps_hat ? m_hat * (step_scale / (sqrt(v' + eps_root) + eps))
 //               : m_hat / (sqrt(v' * inv_bc2 + eps_root) + eps)

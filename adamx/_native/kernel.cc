@@ -308,11 +308,9 @@ ADAMX_INLINE void NewSecond(const Leaf& l, int64_t a, int64_t n, const Scalars& 
       uint16_t* __restrict out = static_cast<uint16_t*>(mo.out[0]) + a;
       const uint32_t key = l.key_moments;  // stochastic: to nearest, its decay would stall
       ADAMX_VECTOR_LOOP
-      for (int64_t i = 0; i < n; ++i) {
-        const uint16_t h = StochasticBf16(SecondMoment(k, g[i], FromBf16(in[i])),
-                                          RandomBits(a + i, key));
-        out[i] = h;
-        v[i] = FromBf16(h);
+      for (int64_t i = 0; i < n; ++i) {  // stored rounded, used unrounded
+        v[i] = SecondMoment(k, g[i], FromBf16(in[i]));
+        out[i] = StochasticBf16(v[i], RandomBits(a + i, key));
       }
       break;
     }
