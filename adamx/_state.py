@@ -173,9 +173,20 @@ def _check_count(caller, count):
         raise ValueError(f"{caller}: state.count must be >= 0, got {int(count)}")
 
 
-def _require(caller, has, has_not, present, wanted, hint):
-    if present != wanted:
-        raise ValueError(f"{caller}: the state has {has if present else has_not}, but {hint}")
+# The optional fields: what the state has, or has not, and the remedy where the transformation
+# wants the field and the state lacks it, or the other way round.
+_OPTIONAL = {
+    "nu_max": ("nu_max (AMSGrad's maximum)", "no nu_max",
+               "this transformation runs AMSGrad: build the state with its init (or "
+               "adamx.init(..., amsgrad=True))",
+               "this transformation is not AMSGrad: use adamx.amsgrad (or amsgrad=True), or drop it "
+               "with state.replace(nu_max=None)"),
+    "compensation": ("a compensation buffer", "no compensation buffer",
+                     "param_rounding is 'kahan': build the state with this transformation's init (or "
+                     "adamx.init(..., param_rounding='kahan'))",
+                     "param_rounding is not 'kahan': build the state and the update with the same "
+                     "param_rounding"),
+}
 
 
 def check(caller: str, state: Any, grads: PyTree, *, amsgrad: bool, kahan: bool,
@@ -205,21 +216,14 @@ def check(caller: str, state: Any, grads: PyTree, *, amsgrad: bool, kahan: bool,
     # For a single-leaf params tree, a field of one absent entry (an untrained leaf's nu_max, a
     # float32 param's compensation) is None itself: present or not, the leaf check decides.
     single = jax.tree_util.treedef_is_leaf(treedef)
-    _require(caller, "nu_max (AMSGrad's maximum)", "no nu_max",
-             state.nu_max is not None or (single and amsgrad), amsgrad,
-             "this transformation runs AMSGrad: build the state with its init (or "
-             "adamx.init(..., amsgrad=True))" if amsgrad else
-             "this transformation is not AMSGrad: use adamx.amsgrad (or amsgrad=True), or drop it "
-             "with state.replace(nu_max=None)")
-    _require(caller, "a compensation buffer", "no compensation buffer",
-             state.compensation is not None or (single and kahan), kahan,
-             "param_rounding is 'kahan': build the state with this transformation's init (or "
-             "adamx.init(..., param_rounding='kahan'))" if kahan else
-             "param_rounding is not 'kahan': build the state and the update with the same "
-             "param_rounding")
+    wanted = {"nu_max": amsgrad, "compensation": kahan}
+    for name, (has, has_not, missing, extra) in _OPTIONAL.items():
+        present = getattr(state, name) is not None or (single and wanted[name])
+        if present != wanted[name]:
+            raise ValueError(f"{caller}: the state has {has if present else has_not}, but "
+                             f"{missing if wanted[name] else extra}")
     paths = [path for path, _ in g_paths]
     grad_leaves = [as_array(g) for _, g in g_paths]
-    wanted = {"nu_max": amsgrad, "compensation": kahan}
     fields = {}
     for name in LEAF_FIELDS:
         tree = getattr(state, name)
